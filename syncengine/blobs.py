@@ -1,0 +1,179 @@
+"""Content-addressed blob store under ``.syncengine/objects``.
+
+A blob is named by the sha256 of its uncompressed bytes and stored as
+``objects/ab/cdef...``: a 5-byte header (``SEB1`` + codec) then either
+zlib-compressed or raw bytes (raw when compression does not pay, as for
+media). Blobs are written to ``objects/tmp`` and renamed into place, so a
+half-written blob never has a real name (A7); every read re-hashes what it
+returns, so a damaged blob is reported, never served.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+import zlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from syncengine.errors import HashMismatch
+from syncengine.fsops import CHUNK, FileStat, _open_nofollow, mapped
+
+MAGIC = b"SEB1"
+ZLIB = b"z"
+RAW = b"r"
+_LEVEL = 1  # documents compress well even at level 1; higher levels cost CPU for little
+
+
+class BlobStore:
+    """Blobs of one workspace (or of a test); safe for several processes."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.tmp = directory / "tmp"
+        self.tmp.mkdir(parents=True, exist_ok=True)
+
+    def path(self, digest: str) -> Path:
+        return self.dir / digest[:2] / digest[2:]
+
+    def has(self, digest: str) -> bool:
+        return self.path(digest).exists()
+
+    # ------------------------------------------------------------ writing
+
+    def put_bytes(self, data: bytes) -> str:
+        """Store ``data``; returns its sha256."""
+        return self.put_stream([data])
+
+    def put_stream(self, chunks: Iterable[bytes], expect: str | None = None) -> str:
+        """Store a stream, hashing it on the way; refuses it if ``expect`` differs."""
+        tmp = self.tmp / f"{secrets.token_hex(8)}.part"
+        digest = hashlib.sha256()
+        with mapped("objects"):
+            try:
+                with open(tmp, "wb") as out:
+                    out.write(MAGIC + ZLIB)
+                    comp = zlib.compressobj(_LEVEL)
+                    raw_size = 0
+                    packed_size = 0
+                    for chunk in chunks:
+                        digest.update(chunk)
+                        raw_size += len(chunk)
+                        packed = comp.compress(chunk)
+                        packed_size += len(packed)
+                        out.write(packed)
+                    tail = comp.flush()
+                    packed_size += len(tail)
+                    out.write(tail)
+                    out.flush()
+                    os.fsync(out.fileno())
+                name = digest.hexdigest()
+                if expect is not None and name != expect:
+                    raise HashMismatch(f"content hashes to {name[:12]}, expected {expect[:12]}")
+                if raw_size >= 4096 and packed_size > raw_size * 0.95:
+                    # Incompressible: rewrite raw so reads skip the inflate.
+                    self._rewrite_raw(tmp)
+                return self._commit(tmp, name)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+
+    def put_file(self, path: Path) -> tuple[str, FileStat]:
+        """Store a file's current bytes; returns (hash, stat of those bytes).
+
+        Like fsops.hash_file, the file is stat'ed around the read so the
+        hash returned provably belongs to the stat returned.
+        """
+        for _attempt in range(3):
+            fd = _open_nofollow(path)
+            with os.fdopen(fd, "rb") as fh:
+                before = FileStat.of(os.fstat(fh.fileno()))
+                digest = self.put_stream(iter(lambda: fh.read(CHUNK), b""))
+                after = FileStat.of(os.fstat(fh.fileno()))
+            if before == after:
+                return digest, after
+        raise OSError(16, "file kept changing while it was read", str(path))
+
+    def _rewrite_raw(self, tmp: Path) -> None:
+        raw = tmp.with_suffix(".raw")
+        with open(raw, "wb") as out:
+            out.write(MAGIC + RAW)
+            for chunk in self._inflate(tmp):
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(raw, tmp)
+
+    def _commit(self, tmp: Path, name: str) -> str:
+        final = self.path(name)
+        if final.exists():
+            return name
+        final.parent.mkdir(exist_ok=True)
+        os.replace(tmp, final)
+        return name
+
+    # ------------------------------------------------------------ reading
+
+    def _inflate(self, path: Path) -> Iterator[bytes]:
+        with open(path, "rb") as fh:
+            header = fh.read(5)
+            if header[:4] != MAGIC:
+                raise HashMismatch("blob has no valid header", paths=[path.name])
+            if header[4:5] == RAW:
+                while chunk := fh.read(CHUNK):
+                    yield chunk
+                return
+            decomp = zlib.decompressobj()
+            try:
+                while chunk := fh.read(CHUNK):
+                    out = decomp.decompress(chunk)
+                    if out:
+                        yield out
+                tail = decomp.flush()
+            except zlib.error as exc:
+                raise HashMismatch(f"blob is damaged: {exc}") from exc
+            if tail:
+                yield tail
+
+    def iter_verified(self, digest: str) -> Iterator[bytes]:
+        """Stream a blob; raises HashMismatch at the end if it was damaged.
+
+        Callers write what they receive to a temp file and rename only after
+        the stream ends, so a damaged blob never reaches a user's file.
+        """
+        path = self.path(digest)
+        if not path.exists():
+            raise HashMismatch(f"blob {digest[:12]} is missing from the store")
+        check = hashlib.sha256()
+        for chunk in self._inflate(path):
+            check.update(chunk)
+            yield chunk
+        if check.hexdigest() != digest:
+            raise HashMismatch(f"blob {digest[:12]} is damaged")
+
+    def get(self, digest: str) -> bytes:
+        return b"".join(self.iter_verified(digest))
+
+    def size(self, digest: str) -> int:
+        return sum(len(c) for c in self.iter_verified(digest))
+
+    # ------------------------------------------------------------ upkeep
+
+    def iter_digests(self) -> Iterator[str]:
+        for sub in sorted(self.dir.iterdir()):
+            if len(sub.name) != 2 or not sub.is_dir():
+                continue
+            for item in sub.iterdir():
+                yield sub.name + item.name
+
+    def delete(self, digest: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path(digest))
+
+    def clean_tmp(self) -> None:
+        """Drop partial blobs a killed process left; none of them is referenced."""
+        for item in self.tmp.iterdir():
+            with contextlib.suppress(OSError):
+                item.unlink()

@@ -1,0 +1,150 @@
+"""Typed settings of one replica, with their defaults: ``.syncengine/config.toml``.
+
+Settings are what a person chooses; state (checkpoint, client id) lives in
+the journal. Unknown keys and wrong types are a UsageError naming the key,
+so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomlkit
+
+from syncengine.errors import UsageError
+
+
+@dataclass
+class ServerConfig:
+    url: str = ""  # sync server base URL, e.g. http://127.0.0.1:8765
+    workspace: str = ""  # workspace name on the server
+    ca_file: str = ""  # CA bundle to verify the server's certificate (empty: system CAs)
+    allow_http: bool = False  # allow plain HTTP to a host other than loopback
+    timeout: float = 30.0  # seconds per request
+    retries: int = 4  # attempts on connection errors and 5xx before giving up
+
+
+@dataclass
+class SyncConfig:
+    strategy: str = "merge"  # default conflict strategy (merge, keep-both, local, remote, newest, manual)
+    max_delete: float = 50.0  # percent of the workspace one round may delete without --force
+    max_delete_min: int = 10  # ... and the guard trips only above this many files too
+    batch: int = 100  # changes per commit request
+    wait: float = 30.0  # seconds to wait for another sync's lock before exit 7
+
+
+@dataclass
+class AutosaveConfig:
+    max_pending: int = 10  # snapshot at once when this many distinct paths are pending
+    min_interval: float = 5.0  # ... or when this many seconds passed since the last snapshot
+    idle: float = 30.0  # snapshot what is left pending after this many quiet seconds
+
+
+@dataclass
+class DaemonConfig:
+    coalesce_ms: int = 200  # change-tracker window per path
+    rescan_interval: float = 3600.0  # full rescan safety net (jittered ±10%)
+    poll_interval: float = 30.0  # pull interval when the live WebSocket is unavailable
+    heartbeat: float = 15.0  # WebSocket heartbeat seconds
+    stall_after: float = 600.0  # status calls syncing stalled after this long without success
+
+
+@dataclass
+class HistoryConfig:
+    keep: str = "30d"  # gc keeps snapshots younger than this (s, m, h, d, w)
+    keep_last: int = 20  # ... and always at least this many snapshots
+
+
+@dataclass
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    autosave: AutosaveConfig = field(default_factory=AutosaveConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
+
+    @classmethod
+    def load(cls, path: Path) -> Config:
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise UsageError(f"{path} is not valid TOML: {exc}", title="Bad configuration")
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> Config:
+        config = cls()
+        for section, values in raw.items():
+            target = getattr(config, section, None)
+            if target is None or not dataclasses.is_dataclass(target) or not isinstance(values, dict):
+                raise UsageError(f"unknown section [{section}] in {source}", title="Bad configuration")
+            known = {f.name: f for f in dataclasses.fields(target)}
+            for key, value in values.items():
+                if key not in known:
+                    raise UsageError(f"unknown key {section}.{key} in {source}", title="Bad configuration")
+                expected = type(getattr(target, key))
+                if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                    value = float(value)
+                if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+                    raise UsageError(
+                        f"{section}.{key} must be {expected.__name__}, not {type(value).__name__} in {source}",
+                        title="Bad configuration",
+                    )
+                setattr(target, key, value)
+        return config
+
+    def to_toml(self) -> str:
+        """The whole file, with a comment per key taken from the defaults above."""
+        doc = tomlkit.document()
+        doc.add(tomlkit.comment("syncengine replica settings; see docs/configuration.md"))
+        comments = _field_comments()
+        for section in dataclasses.fields(self):
+            table = tomlkit.table()
+            for f in dataclasses.fields(getattr(self, section.name)):
+                item = tomlkit.item(getattr(getattr(self, section.name), f.name))
+                note = comments.get((section.name, f.name))
+                if note:
+                    item.comment(note)
+                table.add(f.name, item)
+            doc.add(section.name, table)
+        return tomlkit.dumps(doc)
+
+    def save(self, path: Path) -> None:
+        from syncengine.fsops import write_config_file
+
+        write_config_file(path, self.to_toml().encode())
+
+
+def _field_comments() -> dict[tuple[str, str], str]:
+    """Read the '# ...' comment after each default in this file's source."""
+    import inspect
+    import re
+
+    out: dict[tuple[str, str], str] = {}
+    source = inspect.getsource(inspect.getmodule(Config))
+    section = None
+    for line in source.splitlines():
+        head = re.match(r"class (\w+)Config\b", line)
+        if head:
+            section = head.group(1).lower()
+            continue
+        m = re.match(r"\s+(\w+): [\w\[\] |]+ = .*?#\s*(.+)$", line)
+        if m and section:
+            out[(section, m.group(1))] = m.group(2).strip()
+    return out
+
+
+def parse_duration(text: str) -> float:
+    """'30d', '12h', '90m', '45s', '2w' -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    text = text.strip().lower()
+    try:
+        if text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except (ValueError, IndexError):
+        raise UsageError(f"bad duration {text!r} (use e.g. 30d, 12h, 90m)")

@@ -1,0 +1,413 @@
+"""The Journal: every read and write of journal.db goes through these methods.
+
+Writes run in ``BEGIN IMMEDIATE`` transactions behind a per-object lock, so
+threads of one process queue up instead of spinning on SQLITE_BUSY and
+other processes wait on the busy timeout. Bulk reads return tuples or
+:class:`DocRow` values, never live model objects.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import peewee as pw
+
+from syncengine.journal.db import integrity_ok, migrate, open_sqlite, translate
+from syncengine.journal.tables import make_models
+from syncengine.models import LocalChange, Op
+
+
+@dataclass(slots=True)
+class DocRow:
+    """A document's three states as plain values (see tables.Document)."""
+
+    id: int
+    doc_id: str
+    kind: str
+    path: str | None
+    hash: str | None
+    size: int | None
+    mtime_ns: int | None
+    ctime_ns: int | None
+    inode: int | None
+    mode: int | None
+    base_path: str | None
+    base_rev: int | None
+    base_hash: str | None
+    base_mode: int | None
+    remote_path: str | None
+    remote_rev: int | None
+    remote_hash: str | None
+    remote_mode: int | None
+    remote_seq: int | None
+    remote_at: int | None
+    local_at: int | None
+    error: str | None
+
+    @property
+    def present(self) -> bool:
+        return self.path is not None and self.hash is not None
+
+    @property
+    def has_base(self) -> bool:
+        return self.base_rev is not None
+
+
+DOC_FIELDS = [f.name for f in fields(DocRow)]
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+def _migration_1(db: pw.Database) -> None:
+    models = make_models(db)
+    db.create_tables(models.all)
+
+
+MIGRATIONS = [_migration_1]
+
+
+def _translated(method):
+    @functools.wraps(method)
+    def wrapper(self: Journal, *args, **kwargs):
+        with translate(self.path):
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+class Journal:
+    """journal.db of one workspace."""
+
+    def __init__(self, path: Path, db: pw.SqliteDatabase) -> None:
+        self.path = path
+        self.db = db
+        self.m = make_models(db)
+        self._write_lock = threading.RLock()
+
+    @classmethod
+    def open(cls, path: Path) -> Journal:
+        db = open_sqlite(path, synchronous="FULL")
+        journal = cls(path, db)
+        migrate(db, MIGRATIONS, path)
+        with translate(path):
+            journal._ensure_state()
+        return journal
+
+    def close(self) -> None:
+        if not self.db.is_closed():
+            self.db.close()
+
+    def integrity_ok(self) -> bool:
+        return integrity_ok(self.db)
+
+    # ------------------------------------------------------------ writing
+
+    def writing(self):
+        """Context manager for one write transaction (IMMEDIATE, serialized)."""
+        journal = self
+
+        class _Tx:
+            def __enter__(self_inner):
+                journal._write_lock.acquire()
+                try:
+                    self_inner.tx = journal.db.atomic("IMMEDIATE")
+                    self_inner.tx.__enter__()
+                except BaseException:
+                    journal._write_lock.release()
+                    raise
+                return journal
+
+            def __exit__(self_inner, *exc):
+                try:
+                    with translate(journal.path):
+                        return self_inner.tx.__exit__(*exc)
+                finally:
+                    journal._write_lock.release()
+
+        return _Tx()
+
+    # ------------------------------------------------------------ sync state
+
+    def _ensure_state(self) -> None:
+        S = self.m.SyncState
+        if S.select().where(S.id == 1).exists():
+            return
+        with self.writing():
+            S.insert(id=1, client_id=uuid.uuid4().hex).on_conflict_ignore().execute()
+
+    @_translated
+    def state(self) -> dict[str, Any]:
+        S = self.m.SyncState
+        return S.select().where(S.id == 1).dicts().get()
+
+    @_translated
+    def update_state(self, **values: Any) -> None:
+        S = self.m.SyncState
+        with self.writing():
+            S.update(**values).where(S.id == 1).execute()
+
+    @property
+    def client_id(self) -> str:
+        return self.state()["client_id"]
+
+    # ------------------------------------------------------------ documents
+
+    def _rows(self, query: pw.Query) -> list[DocRow]:
+        return [DocRow(*row) for row in query.tuples()]
+
+    def _doc_select(self) -> pw.Query:
+        D = self.m.Document
+        return D.select(*[getattr(D, name) for name in DOC_FIELDS])
+
+    @_translated
+    def documents(self) -> list[DocRow]:
+        return self._rows(self._doc_select().order_by(self.m.Document.id))
+
+    @_translated
+    def doc_by_path(self, path: str) -> DocRow | None:
+        rows = self._rows(self._doc_select().where(self.m.Document.path == path))
+        return rows[0] if rows else None
+
+    @_translated
+    def doc_by_id(self, doc_id: str) -> DocRow | None:
+        rows = self._rows(self._doc_select().where(self.m.Document.doc_id == doc_id))
+        return rows[0] if rows else None
+
+    @_translated
+    def docs_touching(self, path: str) -> list[DocRow]:
+        """Documents whose local, base or remote path is ``path`` (for diff and log)."""
+        D = self.m.Document
+        return self._rows(
+            self._doc_select().where((D.path == path) | (D.base_path == path) | (D.remote_path == path))
+        )
+
+    @_translated
+    def local_index(self) -> dict[str, tuple]:
+        """path -> (doc_id, hash, size, mtime_ns, ctime_ns, inode, mode, kind) of present files."""
+        D = self.m.Document
+        query = D.select(D.path, D.doc_id, D.hash, D.size, D.mtime_ns, D.ctime_ns, D.inode, D.mode, D.kind)
+        return {row[0]: row[1:] for row in query.where(D.path.is_null(False)).tuples()}
+
+    @_translated
+    def count_present(self) -> int:
+        D = self.m.Document
+        return D.select().where(D.path.is_null(False)).count()
+
+    @_translated
+    def update_doc(self, doc_id: str, **values: Any) -> None:
+        D = self.m.Document
+        with self.writing():
+            D.update(**values).where(D.doc_id == doc_id).execute()
+
+    # ------------------------------------------------------------ recording local changes
+
+    @_translated
+    def record_local(
+        self,
+        changes: Iterable[LocalChange],
+        restamps: Iterable[tuple[str, Any]] = (),
+        *,
+        origin: str = "local",
+        at: int | None = None,
+        zones: dict[str, list[str]] | None = None,
+    ) -> list[int]:
+        """Journal a batch of local changes in one transaction; returns their seqs.
+
+        ``restamps`` are (path, FileStat) pairs whose content did not change
+        (a touch, a chmod of nothing we sync): only the stat columns move, so
+        the next scan does not hash them again.
+        """
+        at = at or now_ns()
+        zones = zones or {}
+        D, C = self.m.Document, self.m.Change
+        seqs: list[int] = []
+        with self.writing():
+            new_docs: list[dict] = []
+            change_rows: list[dict] = []
+            for ch in changes:
+                doc_id = ch.doc_id
+                stat = {
+                    "hash": ch.hash,
+                    "size": ch.size,
+                    "mtime_ns": ch.mtime_ns,
+                    "ctime_ns": ch.ctime_ns,
+                    "inode": ch.inode,
+                    "mode": ch.mode,
+                    "local_at": at,
+                }
+                if ch.op is Op.CREATED:
+                    doc_id = doc_id or self._revivable(ch.path)
+                    if doc_id:
+                        D.update(path=ch.path, kind=ch.kind, **stat).where(D.doc_id == doc_id).execute()
+                    else:
+                        doc_id = uuid.uuid4().hex
+                        new_docs.append({"doc_id": doc_id, "kind": ch.kind, "path": ch.path, **stat})
+                elif ch.op is Op.DELETED:
+                    D.update(path=None, hash=None, size=None, mtime_ns=None, ctime_ns=None, inode=None,
+                             mode=None, local_at=at).where(D.doc_id == doc_id).execute()
+                else:  # modified or moved
+                    D.update(path=ch.path, **stat).where(D.doc_id == doc_id).execute()
+                change_rows.append({
+                    "doc_id": doc_id,
+                    "path": ch.path,
+                    "op": ch.op.value,
+                    "old_path": ch.old_path,
+                    "hash": ch.hash,
+                    "size": ch.size,
+                    "mode": ch.mode,
+                    "at": at,
+                    "origin": origin,
+                    "zones": json.dumps(zones[ch.path]) if ch.path in zones else None,
+                })
+            for chunk in _chunks(new_docs, 2000):
+                D.insert_many(chunk).execute()
+            for chunk in _chunks(change_rows, 2000):
+                C.insert_many(chunk).execute()
+            if change_rows:
+                last = C.select(pw.fn.MAX(C.seq)).scalar()
+                seqs = list(range(last - len(change_rows) + 1, last + 1))
+            for path, st in restamps:
+                D.update(size=st.size, mtime_ns=st.mtime_ns, ctime_ns=st.ctime_ns, inode=st.inode,
+                         mode=st.mode).where(D.path == path).execute()
+        return seqs
+
+    def _revivable(self, path: str) -> str | None:
+        """A document absent here whose last known path is ``path``.
+
+        Deleting a file and creating it again before a sync is an edit of the
+        same document, and a file created where the server already has one is
+        the same document seen from two sides (both-created or identical).
+        """
+        D = self.m.Document
+        for column in (D.base_path, D.remote_path):
+            row = (D.select(D.doc_id).where(D.path.is_null() & (column == path))
+                   .order_by(D.id.desc()).tuples().first())
+            if row:
+                return row[0]
+        return None
+
+    # ------------------------------------------------------------ history
+
+    @_translated
+    def changes(self, path: str | None = None, limit: int | None = 20, doc_ids: Iterable[str] = ()) -> list[tuple]:
+        """Newest first: (seq, at, op, path, old_path, hash, size, origin, snapshot_id, zones, doc_id)."""
+        C = self.m.Change
+        query = C.select(C.seq, C.at, C.op, C.path, C.old_path, C.hash, C.size, C.origin,
+                         C.snapshot_id, C.zones, C.doc_id)
+        ids = list(doc_ids)
+        if path is not None:
+            cond = (C.path == path) | (C.old_path == path) | C.path.startswith(path.rstrip("/") + "/")
+            if ids:
+                cond = cond | C.doc_id.in_(ids)
+            query = query.where(cond)
+        query = query.order_by(C.seq.desc())
+        if limit:
+            query = query.limit(limit)
+        return list(query.tuples())
+
+    @_translated
+    def last_change_seq(self) -> int:
+        C = self.m.Change
+        return C.select(pw.fn.MAX(C.seq)).scalar() or 0
+
+    @_translated
+    def unsnapshotted_count(self) -> int:
+        C = self.m.Change
+        return C.select(pw.fn.COUNT(pw.fn.DISTINCT(C.path))).where(C.snapshot_id.is_null()).scalar() or 0
+
+    @_translated
+    def current_manifest(self) -> dict[str, tuple[str, int | None, int | None]]:
+        """path -> (hash, mode, size) of every file present, per the journal."""
+        D = self.m.Document
+        query = D.select(D.path, D.hash, D.mode, D.size).where(D.path.is_null(False) & D.hash.is_null(False))
+        return {row[0]: row[1:] for row in query.tuples()}
+
+    @_translated
+    def add_snapshot(
+        self,
+        entries: list[tuple[str, str | None, int | None, int | None]],
+        *,
+        message: str | None,
+        trigger: str,
+        files: int,
+        total_bytes: int,
+        upto_seq: int,
+    ) -> int:
+        """Record a snapshot of (path, hash|None, mode, size) entries changed since the last one."""
+        S, E, C = self.m.Snapshot, self.m.SnapshotEntry, self.m.Change
+        with self.writing():
+            snap_id = S.insert(created_at=now_ns(), message=message, trigger=trigger, files=files,
+                               bytes=total_bytes, changed=len(entries), change_seq=upto_seq).execute()
+            rows = [{"snapshot_id": snap_id, "path": p, "hash": h, "mode": m, "size": s} for p, h, m, s in entries]
+            for chunk in _chunks(rows, 5000):
+                E.insert_many(chunk).execute()
+            C.update(snapshot_id=snap_id).where(C.snapshot_id.is_null() & (C.seq <= upto_seq)).execute()
+        return snap_id
+
+    @_translated
+    def snapshots(self, limit: int | None = None) -> list[tuple]:
+        """Newest first: (id, created_at, message, trigger, files, bytes, changed)."""
+        S = self.m.Snapshot
+        query = S.select(S.id, S.created_at, S.message, S.trigger, S.files, S.bytes, S.changed)
+        query = query.order_by(S.id.desc())
+        if limit:
+            query = query.limit(limit)
+        return list(query.tuples())
+
+    @_translated
+    def snapshot_row(self, snap_id: int) -> tuple | None:
+        S = self.m.Snapshot
+        query = S.select(S.id, S.created_at, S.message, S.trigger, S.files, S.bytes, S.changed)
+        return query.where(S.id == snap_id).tuples().first()
+
+    @_translated
+    def snapshot_manifest(self, snap_id: int) -> dict[str, tuple[str, int | None, int | None]]:
+        """Materialise snapshot ``snap_id``: path -> (hash, mode, size) as of then."""
+        E = self.m.SnapshotEntry
+        latest = (E.select(E.path, pw.fn.MAX(E.snapshot_id).alias("sid"))
+                  .where(E.snapshot_id <= snap_id).group_by(E.path).alias("latest"))
+        query = (E.select(E.path, E.hash, E.mode, E.size)
+                 .join(latest, on=((E.path == latest.c.path) & (E.snapshot_id == latest.c.sid))))
+        return {p: (h, m, s) for p, h, m, s in query.tuples() if h is not None}
+
+    @_translated
+    def snapshot_hashes(self) -> set[str]:
+        E = self.m.SnapshotEntry
+        return {h for (h,) in E.select(E.hash).where(E.hash.is_null(False)).distinct().tuples()}
+
+    # ------------------------------------------------------------ conflicts
+
+    @_translated
+    def open_conflicts(self) -> list[dict[str, Any]]:
+        K = self.m.Conflict
+        return list(K.select().where(K.resolved_at.is_null()).order_by(K.id).dicts())
+
+    @_translated
+    def conflicts(self, include_resolved: bool = False) -> list[dict[str, Any]]:
+        K = self.m.Conflict
+        query = K.select().order_by(K.id)
+        if not include_resolved:
+            query = query.where(K.resolved_at.is_null())
+        return list(query.dicts())
+
+    # ------------------------------------------------------------ raw access for the sync layer
+
+    def execute(self, sql: str, params: Iterable[Any] = ()) -> Iterator[tuple]:
+        """Escape hatch for the few aggregate queries the engine needs (read-only)."""
+        with translate(self.path):
+            return iter(self.db.execute_sql(sql, tuple(params)).fetchall())
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]

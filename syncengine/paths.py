@@ -1,0 +1,157 @@
+"""Workspace-relative paths: what a valid one looks like, and what we ignore.
+
+Every path the engine stores or sends is relative to the workspace root,
+'/'-separated, NFC-normalised UTF-8 with no empty, '.' or '..' component.
+One function (:func:`check_path`) decides that, for the scanner, the client
+applying a server answer, and the server accepting a commit alike, so the
+three can never disagree about what may exist.
+"""
+
+from __future__ import annotations
+
+import os
+import unicodedata
+from collections.abc import Iterable
+from pathlib import Path
+
+import pathspec
+
+from syncengine.errors import UnsafePath
+
+STATE_DIR = ".syncengine"
+IGNORE_FILE = ".syncignore"
+RULES_FILE = ".syncrules"
+MAX_PATH_BYTES = 4096
+MAX_NAME_BYTES = 255
+
+# Editor droppings and our own temp files: never journaled, never synced.
+# Kept as gitignore patterns so they read like the user's own .syncignore.
+DEFAULT_IGNORES = (
+    f"/{STATE_DIR}/",
+    ".syncengine.*.tmp",  # fsops temp files
+    "*.swp",
+    "*.swo",
+    "*.swx",
+    "*~",
+    ".#*",
+    "#*#",
+    "4913",  # vim's probe file
+    ".goutputstream-*",
+    ".DS_Store",
+    "Thumbs.db",
+    "~$*",  # MS Office lock files
+    ".~lock.*#",  # LibreOffice lock files
+    "*.crdownload",
+    "*.part",
+)
+_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL"} | {f"{p}{i}" for p in ("COM", "LPT") for i in range(1, 10)}
+
+
+def check_path(path: str, *, windows: bool | None = None) -> str:
+    """Return ``path`` if it is a safe workspace-relative path, else raise UnsafePath.
+
+    Rejects rather than repairs: a path that needs normalising came from a
+    buggy or hostile peer, and guessing what it meant could land a write on
+    the wrong file.
+    """
+    if windows is None:
+        windows = os.name == "nt"
+    if not isinstance(path, str) or not path:
+        raise UnsafePath("empty path")
+    if "\x00" in path or any(ord(c) < 32 for c in path):
+        raise UnsafePath("path contains a control character", paths=[repr(path)])
+    if "\\" in path:
+        raise UnsafePath("path contains a backslash", paths=[path])
+    if path.startswith("/") or (len(path) > 1 and path[1] == ":"):
+        raise UnsafePath("absolute path", paths=[path])
+    try:
+        encoded = path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UnsafePath("path is not valid UTF-8", paths=[repr(path)])
+    if len(encoded) > MAX_PATH_BYTES:
+        raise UnsafePath("path is too long", paths=[path[:80] + "..."])
+    if unicodedata.normalize("NFC", path) != path:
+        raise UnsafePath("path is not NFC-normalised", paths=[path])
+    parts = path.split("/")
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise UnsafePath("path has an empty, '.' or '..' component", paths=[path])
+        if len(part.encode("utf-8")) > MAX_NAME_BYTES:
+            raise UnsafePath("file name is too long", paths=[path])
+        if windows and (part.split(".")[0].upper() in _WINDOWS_RESERVED or part[-1] in " ."):
+            raise UnsafePath("name is reserved on Windows", paths=[path])
+    if parts[0] == STATE_DIR:
+        raise UnsafePath("path is inside the engine's own folder", paths=[path])
+    return path
+
+
+def is_safe(path: str) -> bool:
+    try:
+        check_path(path)
+    except UnsafePath:
+        return False
+    return True
+
+
+def to_abs(root: Path, path: str) -> Path:
+    """Join a checked relative path to the root; refuses anything that escapes it."""
+    check_path(path)
+    return root / path
+
+
+def relpath(root: Path, abs_path: str | os.PathLike) -> str:
+    """The workspace-relative POSIX form of an absolute path under ``root``."""
+    rel = os.path.relpath(os.fspath(abs_path), os.fspath(root))
+    return rel.replace(os.sep, "/")
+
+
+def casefold_key(path: str) -> str:
+    """Key under which two paths would collide on a case-insensitive file system."""
+    return unicodedata.normalize("NFC", path).casefold()
+
+
+class IgnoreRules:
+    """Default ignores plus the workspace's ``.syncignore`` (gitignore syntax).
+
+    Reloaded when the file's (size, mtime) changes, so a long-running daemon
+    follows edits to it.
+    """
+
+    def __init__(self, root: Path, extra: Iterable[str] = ()) -> None:
+        self.root = root
+        self._extra = tuple(extra)
+        self._stamp: tuple[int, int] | None = None
+        self._spec = self._build(())
+        self.refresh()
+
+    def _build(self, user_lines: Iterable[str]) -> pathspec.PathSpec:
+        lines = [*DEFAULT_IGNORES, *self._extra, *user_lines]
+        return pathspec.GitIgnoreSpec.from_lines(lines)
+
+    def refresh(self) -> bool:
+        """Re-read .syncignore if it changed; True when the rules changed."""
+        target = self.root / IGNORE_FILE
+        try:
+            st = target.stat()
+            stamp = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            stamp = None
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        lines: list[str] = []
+        if stamp is not None:
+            try:
+                lines = target.read_text(encoding="utf-8", errors="replace").splitlines()
+            except OSError:
+                lines = []
+        self._spec = self._build(lines)
+        return True
+
+    def ignored(self, path: str, *, is_dir: bool = False) -> bool:
+        """True when ``path`` (relative) is ignored; pass is_dir for folders."""
+        return self._spec.match_file(path + "/" if is_dir else path)
+
+    def ignored_name(self, name: str) -> bool:
+        """Cheap check on a bare file name, for watcher events on temp files."""
+        return self._spec.match_file(name)
