@@ -1,0 +1,660 @@
+"""The wire protocol between replicas and the sync server (docs/protocol.md).
+
+Shared by the client (:mod:`syncengine.remote`) and the server
+(:mod:`syncengine.server`), and importable without either: no HTTP library,
+no web framework. It holds the version, the limits both sides agree on, the
+message dataclasses with strict ``from_dict`` validators, the op id recipe
+and the binary framing of blob packs.
+
+Validators reject rather than repair: a field with the wrong type, a hash
+that is not 64 lowercase hex digits, a missing key — each raises
+:class:`ProtocolError` naming the field. Unknown keys are ignored, so a newer
+peer may add fields without breaking an older one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from syncengine.errors import UnsafePath
+from syncengine.paths import check_path
+
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+PROTOCOL_HEADER = "X-Syncengine-Protocol"
+API_PREFIX = "/v1"
+
+MAX_COMMIT_ITEMS = 100  # items in one commit request
+MAX_HASHES = 1000  # hashes in one missing/unpack request
+MAX_PAGE = 1000  # changes or docs in one page
+DEFAULT_PAGE = 500
+CHUNK_SIZE = 1 << 20  # the server stores blobs in rows of at most this many bytes
+SMALL_BLOB = 1 << 20  # blobs up to this size travel in packs; larger ones by PUT/GET
+MAX_PACK_BYTES = 32 << 20  # sum of blob sizes in one pack, either way
+MAX_PACK_HEADER = 1 << 20  # the JSON line that opens a pack
+MAX_JSON_BYTES = 16 << 20  # a JSON body, after decompression, either way
+GZIP_MIN_BYTES = 1024  # bodies above this are gzip-compressed both ways
+PACK_MEDIA_TYPE = "application/x-syncengine-pack"
+
+_HASH = re.compile(r"[0-9a-f]{64}")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_WORKSPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+# Error codes the server puts in {"error": code, "message": ...}.
+ERROR_CODES = (
+    "bad_request",  # malformed JSON, wrong types, over a count limit
+    "unsafe_path",  # a commit item's path failed check_path
+    "protocol_mismatch",  # missing or unsupported X-Syncengine-Protocol; has "supported"
+    "token_in_query",  # credentials in the URL
+    "unauthorized",  # no token, unknown token, revoked token
+    "not_found",  # no such workspace for this token, no such route
+    "blob_not_found",  # GET of a blob this workspace does not hold
+    "hash_mismatch",  # uploaded bytes do not hash to the name they were sent under
+    "too_large",  # body over the server's cap (413)
+    "unsupported_encoding",  # Content-Encoding other than gzip/identity (415)
+    "method_not_allowed",
+    "internal",  # a bug on the server (500); never for bad input
+)
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the protocol (wrong type, missing field, bad value)."""
+
+
+# ---------------------------------------------------------------- checkers
+
+
+def _get(d: Mapping[str, Any], key: str) -> Any:
+    if not isinstance(d, Mapping):
+        raise ProtocolError(f"expected an object, got {type(d).__name__}")
+    if key not in d:
+        raise ProtocolError(f"missing field {key!r}")
+    return d[key]
+
+
+def _int(
+    d: Mapping[str, Any], key: str, *, null: bool = False, minimum: int | None = 0
+) -> int | None:
+    value = _get(d, key)
+    if value is None and null:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ProtocolError(f"{key} must be an integer")
+    if minimum is not None and value < minimum:
+        raise ProtocolError(f"{key} must be >= {minimum}")
+    if value >= 1 << 63:
+        raise ProtocolError(f"{key} is out of range")
+    return value
+
+
+def _bool(d: Mapping[str, Any], key: str) -> bool:
+    value = _get(d, key)
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{key} must be true or false")
+    return value
+
+
+def _str(d: Mapping[str, Any], key: str, *, null: bool = False, limit: int = 4096) -> str | None:
+    value = _get(d, key)
+    if value is None and null:
+        return None
+    if not isinstance(value, str):
+        raise ProtocolError(f"{key} must be a string")
+    if len(value) > limit:
+        raise ProtocolError(f"{key} is too long")
+    return value
+
+
+def check_hash(value: Any, what: str = "hash") -> str:
+    """A sha256 in 64 lowercase hex digits, or ProtocolError."""
+    if not isinstance(value, str) or not _HASH.fullmatch(value):
+        raise ProtocolError(f"{what} must be a sha256 in lowercase hex")
+    return value
+
+
+def check_id(value: Any, what: str = "id") -> str:
+    """A doc_id or client_id: 1-128 of [A-Za-z0-9._-], starting alphanumeric."""
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        raise ProtocolError(f"{what} must be 1-128 characters of A-Z a-z 0-9 . _ -")
+    return value
+
+
+def check_workspace(value: str) -> str:
+    """A workspace name: 1-64 of [A-Za-z0-9._-], starting alphanumeric."""
+    if not isinstance(value, str) or not _WORKSPACE.fullmatch(value):
+        raise ProtocolError("workspace name must be 1-64 characters of A-Z a-z 0-9 . _ -")
+    return value
+
+
+def wire_path(value: Any, what: str = "path") -> str:
+    """A path as the protocol allows it: :func:`syncengine.paths.check_path`, POSIX rules.
+
+    Raises :class:`syncengine.errors.UnsafePath` (not ProtocolError) so callers
+    can tell a hostile path from a malformed message.
+    """
+    if not isinstance(value, str):
+        raise ProtocolError(f"{what} must be a string")
+    return check_path(value, windows=False)
+
+
+def _hash_or_null(d: Mapping[str, Any], key: str) -> str | None:
+    value = _get(d, key)
+    return None if value is None else check_hash(value, key)
+
+
+def _list(d: Mapping[str, Any], key: str, limit: int) -> list[Any]:
+    value = _get(d, key)
+    if not isinstance(value, list):
+        raise ProtocolError(f"{key} must be a list")
+    if len(value) > limit:
+        raise ProtocolError(f"{key} has {len(value)} entries; at most {limit} are allowed")
+    return value
+
+
+def hash_list(
+    d: Mapping[str, Any], key: str = "hashes", limit: int = MAX_HASHES
+) -> tuple[str, ...]:
+    """A list of sha256 hex strings under ``key``, at most ``limit`` long."""
+    return tuple(check_hash(h, f"{key}[{i}]") for i, h in enumerate(_list(d, key, limit)))
+
+
+def to_dict(message: Any) -> dict[str, Any]:
+    """The JSON-ready form of any message dataclass (client-only fields left out)."""
+    out = asdict(message)
+    out.pop("rejected", None)
+    return out
+
+
+# ---------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """``GET /v1/health``: the server is up; which protocol it speaks; its clock."""
+
+    protocol: int
+    server_id: str
+    time: int  # server clock, ns since the epoch
+    supported: tuple[int, ...] = SUPPORTED_VERSIONS
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Health:
+        supported = d.get("supported", [d.get("protocol")]) if isinstance(d, Mapping) else None
+        if not isinstance(supported, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in supported
+        ):
+            raise ProtocolError("supported must be a list of integers")
+        return cls(
+            protocol=_int(d, "protocol"),
+            server_id=check_id(_get(d, "server_id"), "server_id"),
+            time=_int(d, "time"),
+            supported=tuple(supported),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedItem:
+    """An item of a server answer the client refused (client side only, never on the wire)."""
+
+    doc_id: str | None
+    path: str  # repr() of what the server sent, safe to print
+    reason: str
+    seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One entry of a workspace's change log; ``rev`` is the seq that produced it."""
+
+    seq: int
+    doc_id: str
+    path: str
+    old_path: str | None  # set when this change moved the document
+    rev: int
+    hash: str | None  # None when deleted
+    deleted: bool
+    executable: bool
+    size: int | None  # None when deleted
+    op_id: str | None
+    client_id: str | None
+    received_at: int  # server clock when committed, ns since the epoch
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Change:
+        seq = _int(d, "seq", minimum=1)
+        deleted = _bool(d, "deleted")
+        digest = _hash_or_null(d, "hash")
+        if deleted != (digest is None):
+            raise ProtocolError("hash must be null exactly when deleted is true")
+        old_path = _get(d, "old_path")
+        op_id = _get(d, "op_id")
+        return cls(
+            seq=seq,
+            doc_id=check_id(_get(d, "doc_id"), "doc_id"),
+            path=wire_path(_get(d, "path")),
+            old_path=None if old_path is None else wire_path(old_path, "old_path"),
+            rev=_int(d, "rev", minimum=1),
+            hash=digest,
+            deleted=deleted,
+            executable=_bool(d, "executable"),
+            size=_int(d, "size", null=True),
+            op_id=None if op_id is None else check_hash(op_id, "op_id"),
+            client_id=None
+            if _get(d, "client_id") is None
+            else check_id(d["client_id"], "client_id"),
+            received_at=_int(d, "received_at"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ChangesPage:
+    """``GET /v1/ws/{ws}/changes``: changes after ``since``, in seq order."""
+
+    server_id: str
+    min_seq: int  # lowest seq still in the log; a checkpoint below min_seq - 1 needs a full listing
+    last_seq: int  # highest seq committed when the page was read
+    changes: tuple[Change, ...]
+    more: bool  # another page follows
+    rejected: tuple[RejectedItem, ...] = field(default=(), compare=False)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, since: int | None = None) -> ChangesPage:
+        """Validate a page; changes with unsafe paths are dropped into ``rejected``.
+
+        ``since`` (the request's) lets the client check that seqs are above it
+        and strictly increasing: a feed going backwards is a broken server.
+        """
+        changes: list[Change] = []
+        rejected: list[RejectedItem] = []
+        last = since if since is not None else 0
+        last_seq = _int(d, "last_seq")
+        for raw in _list(d, "changes", MAX_PAGE):
+            try:
+                change = Change.from_dict(raw)
+            except UnsafePath as exc:
+                rejected.append(_rejected(raw, exc))
+                continue
+            if change.seq <= last or change.seq > last_seq:
+                raise ProtocolError(
+                    f"change seq {change.seq} out of order (after {last}, last_seq {last_seq})"
+                )
+            last = change.seq
+            changes.append(change)
+        return cls(
+            server_id=check_id(_get(d, "server_id"), "server_id"),
+            min_seq=_int(d, "min_seq", minimum=1),
+            last_seq=last_seq,
+            changes=tuple(changes),
+            more=_bool(d, "more"),
+            rejected=tuple(rejected),
+        )
+
+
+def _rejected(raw: Any, exc: UnsafePath) -> RejectedItem:
+    seq = raw.get("seq") if isinstance(raw, Mapping) else None
+    doc_id = raw.get("doc_id") if isinstance(raw, Mapping) else None
+    path = raw.get("path") if isinstance(raw, Mapping) else None
+    return RejectedItem(
+        doc_id=doc_id if isinstance(doc_id, str) else None,
+        path=repr(path)[:200],
+        reason=exc.message,
+        seq=seq if isinstance(seq, int) and not isinstance(seq, bool) else None,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DocEntry:
+    """One live document in a full listing."""
+
+    doc_id: str
+    path: str
+    rev: int
+    hash: str
+    executable: bool
+    size: int
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DocEntry:
+        return cls(
+            doc_id=check_id(_get(d, "doc_id"), "doc_id"),
+            path=wire_path(_get(d, "path")),
+            rev=_int(d, "rev", minimum=1),
+            hash=check_hash(_get(d, "hash")),
+            executable=_bool(d, "executable"),
+            size=_int(d, "size"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DocsPage:
+    """``GET /v1/ws/{ws}/docs``: live documents ordered by doc_id, as of ``last_seq``."""
+
+    server_id: str
+    last_seq: int
+    docs: tuple[DocEntry, ...]
+    next: str | None  # pass as ``after`` for the next page; None on the last page
+    rejected: tuple[RejectedItem, ...] = field(default=(), compare=False)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DocsPage:
+        docs: list[DocEntry] = []
+        rejected: list[RejectedItem] = []
+        for raw in _list(d, "docs", MAX_PAGE):
+            try:
+                docs.append(DocEntry.from_dict(raw))
+            except UnsafePath as exc:
+                rejected.append(_rejected(raw, exc))
+        nxt = _get(d, "next")
+        return cls(
+            server_id=check_id(_get(d, "server_id"), "server_id"),
+            last_seq=_int(d, "last_seq"),
+            docs=tuple(docs),
+            next=None if nxt is None else check_id(nxt, "next"),
+            rejected=tuple(rejected),
+        )
+
+
+def make_op_id(
+    client_id: str, doc_id: str, base_rev: int | None, path: str, hash: str | None, executable: bool
+) -> str:
+    """The op id of a commit item: the same intent from the same client is the same op.
+
+    sha256 of the compact JSON array
+    ``[client_id, doc_id, base_rev, path, hash or "deleted", executable]``.
+    The executable bit is part of it so that a mode-only change is never
+    answered with the stored result of a different one.
+    """
+    canon = json.dumps(
+        [
+            client_id,
+            doc_id,
+            base_rev,
+            path,
+            hash if hash is not None else "deleted",
+            bool(executable),
+        ],
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class CommitItem:
+    """One proposed change: compare-and-swap on ``base_rev``; ``hash=None`` deletes."""
+
+    doc_id: str
+    path: str
+    base_rev: int | None  # None: a new document
+    hash: str | None  # None: delete
+    executable: bool
+    op_id: str
+
+    @classmethod
+    def make(
+        cls,
+        client_id: str,
+        doc_id: str,
+        path: str,
+        base_rev: int | None,
+        hash: str | None,
+        executable: bool = False,
+    ) -> CommitItem:
+        """An item with its op id computed by :func:`make_op_id`."""
+        return cls(
+            doc_id,
+            path,
+            base_rev,
+            hash,
+            executable,
+            make_op_id(client_id, doc_id, base_rev, path, hash, executable),
+        )
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CommitItem:
+        """Types only; the path is checked separately (see :func:`wire_path`)."""
+        return cls(
+            doc_id=check_id(_get(d, "doc_id"), "doc_id"),
+            path=_str(d, "path"),
+            base_rev=_int(d, "base_rev", null=True, minimum=1),
+            hash=_hash_or_null(d, "hash"),
+            executable=_bool(d, "executable"),
+            op_id=check_hash(_get(d, "op_id"), "op_id"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CommitRequest:
+    """``POST /v1/ws/{ws}/commit``: up to 100 items, applied in order in one transaction."""
+
+    client_id: str
+    items: tuple[CommitItem, ...]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CommitRequest:
+        items = []
+        for i, raw in enumerate(_list(d, "items", MAX_COMMIT_ITEMS)):
+            try:
+                items.append(CommitItem.from_dict(raw))
+            except ProtocolError as exc:
+                raise ProtocolError(f"items[{i}]: {exc}") from None
+        return cls(client_id=check_id(_get(d, "client_id"), "client_id"), items=tuple(items))
+
+
+@dataclass(frozen=True, slots=True)
+class CurrentDoc:
+    """The server's current state of a document, as a conflict answer shows it."""
+
+    doc_id: str
+    rev: int
+    path: str
+    hash: str | None
+    deleted: bool
+    executable: bool
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CurrentDoc:
+        deleted = _bool(d, "deleted")
+        digest = _hash_or_null(d, "hash")
+        if deleted != (digest is None):
+            raise ProtocolError("hash must be null exactly when deleted is true")
+        return cls(
+            doc_id=check_id(_get(d, "doc_id"), "doc_id"),
+            rev=_int(d, "rev", minimum=1),
+            path=wire_path(_get(d, "path")),
+            hash=digest,
+            deleted=deleted,
+            executable=_bool(d, "executable"),
+        )
+
+
+CommitStatus = Literal["ok", "conflict", "rejected"]
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    """Per item: ``ok`` (rev, seq), ``conflict`` (current) or ``rejected`` (error, message)."""
+
+    status: CommitStatus
+    doc_id: str
+    rev: int | None = None
+    seq: int | None = None
+    current: CurrentDoc | None = None
+    error: str | None = None
+    message: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"status": self.status, "doc_id": self.doc_id}
+        if self.status == "ok":
+            out.update(rev=self.rev, seq=self.seq)
+        elif self.status == "conflict":
+            out["current"] = asdict(self.current) if self.current else None
+        else:
+            out.update(error=self.error, message=self.message)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CommitResult:
+        status = _get(d, "status")
+        doc_id = check_id(_get(d, "doc_id"), "doc_id")
+        if status == "ok":
+            return cls("ok", doc_id, rev=_int(d, "rev", minimum=1), seq=_int(d, "seq", minimum=1))
+        if status == "conflict":
+            try:
+                current = CurrentDoc.from_dict(_get(d, "current"))
+            except UnsafePath as exc:
+                return cls(
+                    "rejected",
+                    doc_id,
+                    error="bad_server_path",
+                    message=f"the server named an unsafe path for the current doc: {exc.message}",
+                )
+            return cls("conflict", doc_id, current=current)
+        if status == "rejected":
+            return cls(
+                "rejected",
+                doc_id,
+                error=_str(d, "error", limit=100),
+                message=_str(d, "message", null=True),
+            )
+        raise ProtocolError(f"unknown commit status {status!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResponse:
+    results: tuple[CommitResult, ...]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, expected: int | None = None) -> CommitResponse:
+        results = tuple(CommitResult.from_dict(r) for r in _list(d, "results", MAX_COMMIT_ITEMS))
+        if expected is not None and len(results) != expected:
+            raise ProtocolError(f"{len(results)} results for {expected} items")
+        return cls(results)
+
+
+@dataclass(frozen=True, slots=True)
+class HashesRequest:
+    """Body of ``blobs/missing`` and ``blobs/unpack``: ``{"hashes": [...]}``."""
+
+    hashes: tuple[str, ...]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> HashesRequest:
+        return cls(hash_list(d))
+
+
+@dataclass(frozen=True, slots=True)
+class MissingResponse:
+    missing: tuple[str, ...]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> MissingResponse:
+        return cls(hash_list(d, "missing"))
+
+
+@dataclass(frozen=True, slots=True)
+class PackResponse:
+    """Answer to ``blobs/pack``: every hash now stored (new or already there)."""
+
+    stored: tuple[str, ...]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PackResponse:
+        return cls(hash_list(d, "stored"))
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorBody:
+    """Every 4xx/5xx answer: ``{"error": code, "message": text}`` (plus ``supported``)."""
+
+    error: str
+    message: str
+
+
+# ---------------------------------------------------------------- packs
+
+
+@dataclass(frozen=True, slots=True)
+class PackEntry:
+    hash: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class PackHeader:
+    """The JSON line that opens a pack; the blobs' bytes follow back to back in this order.
+
+    An upload pack uses ``blobs`` only. A download pack (``blobs/unpack``)
+    also lists hashes it does not carry: ``missing`` (not on the server),
+    ``large`` (over SMALL_BLOB: fetch with GET) and ``deferred`` (did not
+    fit under MAX_PACK_BYTES: ask again).
+    """
+
+    blobs: tuple[PackEntry, ...]
+    missing: tuple[str, ...] = ()
+    large: tuple[str, ...] = ()
+    deferred: tuple[str, ...] = ()
+
+    def encode(self) -> bytes:
+        return (
+            json.dumps(
+                {
+                    "blobs": [[b.hash, b.size] for b in self.blobs],
+                    "missing": list(self.missing),
+                    "large": list(self.large),
+                    "deferred": list(self.deferred),
+                },
+                separators=(",", ":"),
+            ).encode()
+            + b"\n"
+        )
+
+    @property
+    def total(self) -> int:
+        return sum(b.size for b in self.blobs)
+
+    @classmethod
+    def decode(cls, line: bytes) -> PackHeader:
+        try:
+            d = json.loads(line)
+        except ValueError as exc:
+            raise ProtocolError(f"pack header is not JSON: {exc}") from None
+        blobs = []
+        for i, entry in enumerate(_list(d, "blobs", MAX_HASHES)):
+            if (
+                not isinstance(entry, list)
+                or len(entry) != 2
+                or not isinstance(entry[1], int)
+                or isinstance(entry[1], bool)
+                or not 0 <= entry[1] <= MAX_PACK_BYTES
+            ):
+                raise ProtocolError(f"blobs[{i}] must be [sha256, size]")
+            blobs.append(PackEntry(check_hash(entry[0], f"blobs[{i}]"), entry[1]))
+        opt = {k: hash_list(d, k) if k in d else () for k in ("missing", "large", "deferred")}
+        header = cls(tuple(blobs), **opt)
+        if header.total > MAX_PACK_BYTES:
+            raise ProtocolError(
+                f"pack carries {header.total} bytes; at most {MAX_PACK_BYTES} are allowed"
+            )
+        return header
+
+
+def pack_groups(
+    sizes: Iterable[tuple[str, int]], limit: int = MAX_PACK_BYTES
+) -> Iterator[list[str]]:
+    """Split (hash, size) pairs into groups that each fit one pack (≤ limit bytes, ≤ 1000 blobs)."""
+    group: list[str] = []
+    total = 0
+    for digest, size in sizes:
+        if group and (total + size > limit or len(group) >= MAX_HASHES):
+            yield group
+            group, total = [], 0
+        group.append(digest)
+        total += size
+    if group:
+        yield group

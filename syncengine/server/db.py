@@ -1,0 +1,237 @@
+"""The server's database: opening SQLite or PostgreSQL, the tables, numbered migrations.
+
+The only module of the server that knows peewee's models; :mod:`.storage`
+runs the queries. Models are built per database (:func:`make_models`) so two
+servers in one process (tests) never share a binding.
+
+Schema version and the server's random id live in the ``meta`` table, so the
+same code migrates SQLite and PostgreSQL. Migrations run under a lock
+(``BEGIN IMMEDIATE`` / ``pg_advisory_xact_lock``), so two server processes
+starting together on one fresh PostgreSQL migrate it once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import urlsplit
+
+import peewee as pw
+from playhouse.pool import PooledPostgresqlDatabase, PooledSqliteDatabase
+
+from syncengine.errors import BusyError, SyncEngineError, UsageError
+
+DB_FILE = "server.db"
+_ADVISORY_KEY = 0x5E_C0DE  # pg_advisory_xact_lock key for migrations
+
+
+class StorageError(SyncEngineError):
+    """A database failure on the server (maps to a 500 for requests, exit 70 for admin commands)."""
+
+    title = "Server storage error"
+
+
+def open_database(db_url: str | None, data_dir: Path | None) -> pw.Database:
+    """A pooled database for ``--db URL`` (PostgreSQL) or ``--data DIR`` (SQLite)."""
+    if db_url:
+        parts = urlsplit(db_url)
+        if parts.scheme in ("postgres", "postgresql"):
+            db = PooledPostgresqlDatabase(
+                None, max_connections=32, stale_timeout=300, timeout=30, autoconnect=False
+            )
+            db.init(parts.path.lstrip("/") or None, dsn=db_url)
+            return db
+        if parts.scheme == "sqlite":
+            return _sqlite(Path(parts.path))
+        raise UsageError(
+            f"--db must be a postgresql:// or sqlite:// URL, not {parts.scheme or db_url!r}"
+        )
+    folder = Path(data_dir or "syncengine-server")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create the data folder {folder}: {exc.strerror}") from exc
+    return _sqlite(folder / DB_FILE)
+
+
+def _sqlite(path: Path) -> pw.Database:
+    return PooledSqliteDatabase(
+        str(path),
+        max_connections=64,
+        stale_timeout=None,
+        timeout=30,
+        autoconnect=False,
+        check_same_thread=False,
+        pragmas={
+            "journal_mode": "wal",
+            "synchronous": "NORMAL",
+            "foreign_keys": 1,
+            "busy_timeout": 30_000,
+        },
+    )
+
+
+def is_postgres(db: pw.Database) -> bool:
+    return isinstance(db, pw.PostgresqlDatabase)
+
+
+@contextlib.contextmanager
+def translated() -> Iterator[None]:
+    """Turn driver and peewee errors into StorageError (BusyError when locked)."""
+    try:
+        yield
+    except (pw.OperationalError, sqlite3.OperationalError) as exc:
+        if "locked" in str(exc).lower() or "busy" in str(exc).lower():
+            raise BusyError(f"the server database is busy: {exc}") from exc
+        raise StorageError(f"database error: {exc}") from exc
+    except (pw.DatabaseError, pw.InterfaceError, sqlite3.DatabaseError) as exc:
+        raise StorageError(f"database error: {exc}") from exc
+
+
+def make_models(db: pw.Database) -> SimpleNamespace:
+    class Base(pw.Model):
+        class Meta:
+            database = db
+            legacy_table_names = False
+
+    class Meta(Base):
+        """Key/value facts about the database: schema_version, server_id."""
+
+        key = pw.CharField(primary_key=True)
+        value = pw.TextField()
+
+    class Workspace(Base):
+        """One workspace; its row is the lock that orders its commits."""
+
+        name = pw.CharField(unique=True)
+        last_seq = pw.BigIntegerField(default=0)
+        min_seq = pw.BigIntegerField(default=1)  # raised by a server-side gc
+        created_ns = pw.BigIntegerField()
+
+    class Token(Base):
+        """A bearer token, scoped to one workspace, stored as its sha256."""
+
+        public_id = pw.CharField(unique=True)  # shown by `token list`, taken by `token revoke`
+        workspace = pw.ForeignKeyField(Workspace, on_delete="CASCADE")
+        token_hash = pw.CharField(unique=True)
+        prefix = pw.CharField()  # first characters, to recognise a token without showing it
+        label = pw.TextField(null=True)
+        created_ns = pw.BigIntegerField()
+        revoked_ns = pw.BigIntegerField(null=True)
+
+    class Document(Base):
+        """A document's current state; ``path_key`` is NULL for deleted ones."""
+
+        workspace = pw.ForeignKeyField(Workspace, on_delete="CASCADE")
+        doc_id = pw.CharField()
+        path = pw.TextField()
+        path_key = pw.TextField(null=True)  # casefolded path of a live doc: unique per workspace
+        rev = pw.BigIntegerField()
+        hash = pw.CharField(null=True)
+        deleted = pw.BooleanField(default=False)
+        executable = pw.BooleanField(default=False)
+        size = pw.BigIntegerField(null=True)
+
+        class Meta:
+            indexes = ((("workspace", "doc_id"), True), (("workspace", "path_key"), True))
+
+    class Change(Base):
+        """The ordered change log; ``seq`` is gap-free per workspace."""
+
+        workspace = pw.ForeignKeyField(Workspace, on_delete="CASCADE")
+        seq = pw.BigIntegerField()
+        doc_id = pw.CharField()
+        path = pw.TextField()
+        old_path = pw.TextField(null=True)
+        hash = pw.CharField(null=True)
+        deleted = pw.BooleanField(default=False)
+        executable = pw.BooleanField(default=False)
+        size = pw.BigIntegerField(null=True)
+        op_id = pw.CharField(null=True)
+        client_id = pw.CharField(null=True)
+        received_ns = pw.BigIntegerField()
+
+        class Meta:
+            indexes = ((("workspace", "seq"), True),)
+
+    class Op(Base):
+        """The first answer given to each op id, replayed verbatim."""
+
+        workspace = pw.ForeignKeyField(Workspace, on_delete="CASCADE")
+        op_id = pw.CharField()
+        result = pw.TextField()  # JSON of the CommitResult
+        created_ns = pw.BigIntegerField()
+
+        class Meta:
+            indexes = ((("workspace", "op_id"), True),)
+
+    class Blob(Base):
+        """A blob of one workspace; its chunks are committed in the same transaction."""
+
+        workspace = pw.ForeignKeyField(Workspace, on_delete="CASCADE")
+        hash = pw.CharField()
+        size = pw.BigIntegerField()
+        chunks = pw.IntegerField()
+        created_ns = pw.BigIntegerField()
+
+        class Meta:
+            indexes = ((("workspace", "hash"), True),)
+
+    class BlobChunk(Base):
+        """At most CHUNK_SIZE bytes of a blob, zlib-compressed unless that did not pay."""
+
+        blob = pw.ForeignKeyField(Blob, on_delete="CASCADE")
+        idx = pw.IntegerField()
+        compressed = pw.BooleanField()
+        data = pw.BlobField()
+
+        class Meta:
+            indexes = ((("blob", "idx"), True),)
+
+    return SimpleNamespace(
+        Meta=Meta,
+        Workspace=Workspace,
+        Token=Token,
+        Document=Document,
+        Change=Change,
+        Op=Op,
+        Blob=Blob,
+        BlobChunk=BlobChunk,
+    )
+
+
+def _m1_initial(db: pw.Database, m: SimpleNamespace) -> None:
+    db.create_tables([m.Workspace, m.Token, m.Document, m.Change, m.Op, m.Blob, m.BlobChunk])
+    m.Meta.insert(key="server_id", value=secrets.token_hex(16)).on_conflict_ignore().execute()
+    m.Meta.insert(key="created_ns", value=str(time.time_ns())).on_conflict_ignore().execute()
+
+
+MIGRATIONS: list[Callable[[pw.Database, SimpleNamespace], None]] = [_m1_initial]
+
+
+def migrate(db: pw.Database, m: SimpleNamespace) -> int:
+    """Bring the schema to the newest version; returns it. Refuses a newer database."""
+    with translated(), db.connection_context():
+        lock = {} if is_postgres(db) else {"lock_type": "IMMEDIATE"}
+        with db.atomic(**lock):
+            if is_postgres(db):
+                db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (_ADVISORY_KEY,))
+            db.create_tables([m.Meta])
+            row = m.Meta.get_or_none(m.Meta.key == "schema_version")
+            current = int(row.value) if row else 0
+            if current > len(MIGRATIONS):
+                raise UsageError(
+                    f"the server database has schema version {current}, newer than this "
+                    f"syncengine knows ({len(MIGRATIONS)}); upgrade syncengine"
+                )
+            for number in range(current + 1, len(MIGRATIONS) + 1):
+                MIGRATIONS[number - 1](db, m)
+                m.Meta.insert(key="schema_version", value=str(number)).on_conflict(
+                    conflict_target=[m.Meta.key], update={m.Meta.value: str(number)}
+                ).execute()
+    return len(MIGRATIONS)
