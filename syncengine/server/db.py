@@ -24,14 +24,14 @@ from urllib.parse import urlsplit
 import peewee as pw
 from playhouse.pool import PooledPostgresqlDatabase, PooledSqliteDatabase
 
-from syncengine.errors import BusyError, SyncEngineError, UsageError
+from syncengine.errors import BusyError, RemoteError, UsageError
 
 DB_FILE = "server.db"
 _ADVISORY_KEY = 0x5E_C0DE  # pg_advisory_xact_lock key for migrations
 
 
-class StorageError(SyncEngineError):
-    """A database failure on the server (maps to a 500 for requests, exit 70 for admin commands)."""
+class StorageError(RemoteError):
+    """The server database failed or is unreachable (500 for requests, exit 3 for admin)."""
 
     title = "Server storage error"
 
@@ -87,10 +87,14 @@ def translated() -> Iterator[None]:
         yield
     except (pw.OperationalError, sqlite3.OperationalError) as exc:
         if "locked" in str(exc).lower() or "busy" in str(exc).lower():
-            raise BusyError(f"the server database is busy: {exc}") from exc
-        raise StorageError(f"database error: {exc}") from exc
+            raise BusyError(f"the server database is busy: {_first_line(exc)}") from exc
+        raise StorageError(f"database error: {_first_line(exc)}") from exc
     except (pw.DatabaseError, pw.InterfaceError, sqlite3.DatabaseError) as exc:
-        raise StorageError(f"database error: {exc}") from exc
+        raise StorageError(f"database error: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def make_models(db: pw.Database) -> SimpleNamespace:

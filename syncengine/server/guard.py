@@ -179,9 +179,12 @@ def _inflating(receive, cap: int):
     pending = b""  # compressed input not yet inflated
     out_total = 0
     upstream_done = False
+    finished = False  # the last body message went out: from now on, wait for the disconnect
 
     async def wrapped():
-        nonlocal pending, out_total, upstream_done
+        nonlocal pending, out_total, upstream_done, finished
+        if finished:
+            return await receive()
         while True:
             if pending:
                 try:
@@ -202,6 +205,7 @@ def _inflating(receive, cap: int):
             if upstream_done:
                 if not inflater.eof:
                     raise ApiError(400, "bad_request", "request body is truncated gzip")
+                finished = True
                 return {"type": "http.request", "body": b"", "more_body": False}
             message = await receive()
             if message["type"] != "http.request":
