@@ -62,7 +62,7 @@ def _prep(old: Any, new: Any, path: str, pos: tuple, orders: Orders) -> tuple[An
     """
     if type(old) is dict and type(new) is dict:
         pairs = {
-            k: _prep(old[k], new[k], child_key(path, k), (*pos, i), orders)
+            k: _prep(old[k], new[k], child_key(path, k), (*pos, (i, 1)), orders)
             for i, k in enumerate(new)
             if k in old
         }
@@ -76,7 +76,7 @@ def _prep(old: Any, new: Any, path: str, pos: tuple, orders: Orders) -> tuple[An
                 ids = ([k[1] for k in have], [k[1] for k in want])
                 orders.append((pos, FieldChange(path, "changed", *ids)))
             pairs = {
-                k: _prep(have[k], want[k], join(path, id_segment(k[1])), (*pos, i), orders)
+                k: _prep(have[k], want[k], join(path, id_segment(k[1])), (*pos, (i, 1)), orders)
                 for i, k in enumerate(want)
                 if k in have
             }
@@ -84,7 +84,7 @@ def _prep(old: Any, new: Any, path: str, pos: tuple, orders: Orders) -> tuple[An
             n = _IdList((_Id(k), pairs[k][1] if k in pairs else v) for k, v in want.items())
             return o, n
         pairs = [
-            _prep(a, b, join(path, f"[{i}]"), (*pos, i), orders)
+            _prep(a, b, join(path, f"[{i}]"), (*pos, (i, 1)), orders)
             for i, (a, b) in enumerate(zip(old, new, strict=False))
         ]
         return [p[0] for p in pairs] + old[len(pairs) :], [p[1] for p in pairs] + new[len(pairs) :]
@@ -129,14 +129,18 @@ def _path_of(level: Any) -> tuple[str, tuple]:
     return path, tuple(position)
 
 
-def _rank(t1: Any, t2: Any, param: Any) -> int:
+def _rank(t1: Any, t2: Any, param: Any) -> tuple[int, int]:
+    """Where ``param`` sits in the new container; a removed key sorts just
+    before the next key of the old container that survived."""
     if isinstance(param, int) and not isinstance(t2, dict):
-        return param
+        return (param, 1)
     new_keys = list(t2) if isinstance(t2, dict) else []
     if param in new_keys:
-        return new_keys.index(param)
+        return (new_keys.index(param), 1)
     old_keys = list(t1) if isinstance(t1, dict) else []
-    return len(new_keys) + (old_keys.index(param) if param in old_keys else 0)
+    later = old_keys[old_keys.index(param) + 1 :] if param in old_keys else []
+    survivor = next((k for k in later if k in new_keys), None)
+    return (new_keys.index(survivor) if survivor is not None else len(new_keys), 0)
 
 
 def _display(value: Any) -> Any:

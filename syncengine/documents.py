@@ -22,6 +22,7 @@ import difflib
 import json
 import math
 import os
+import re
 from typing import Any
 
 from syncengine.docstyle import (
@@ -65,6 +66,7 @@ _BINARY_EXTENSIONS = frozenset(
     " jar docx xlsx pptx odt ods odp doc xls ppt epub mp3 mp4 m4a mov avi mkv wav flac ogg webm"
     " woff woff2 ttf otf sqlite db exe dll so dylib bin class pyc parquet npy pkl".split()
 )
+_FLOW_RUN = re.compile(r"(?:[\[{]\s*){" + str(MAX_DEPTH + 1) + "}")
 _NAMES = {Kind.JSON: "JSON", Kind.YAML: "YAML", Kind.TOML: "TOML", Kind.TEXT: "UTF-8 text"}
 
 
@@ -125,6 +127,8 @@ def parse(kind: Kind, data: bytes) -> Any:
                 parse_float=_finite_float,
             )
         elif kind is Kind.YAML:
+            if _FLOW_RUN.search(text):  # ruamel's scanner takes seconds on these
+                raise MalformedDocument(f"does not parse as YAML: nested deeper than {MAX_DEPTH}")
             value = load_yaml(text)
             yaml_expanded_size(value, MAX_NODES)  # before anything expands aliases
             value = yaml_plain(value)
