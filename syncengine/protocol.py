@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from syncengine.errors import UnsafePath
-from syncengine.paths import check_path
+from syncengine.paths import MAX_PATH_BYTES, check_path
 
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
@@ -420,7 +420,7 @@ class CommitItem:
         """Types only; the path is checked separately (see :func:`wire_path`)."""
         return cls(
             doc_id=check_id(_get(d, "doc_id"), "doc_id"),
-            path=_str(d, "path"),
+            path=_str(d, "path", limit=4 * MAX_PATH_BYTES),
             base_rev=_int(d, "base_rev", null=True, minimum=1),
             hash=_hash_or_null(d, "hash"),
             executable=_bool(d, "executable"),
