@@ -63,6 +63,7 @@ class MergeResult:
 
     @property
     def clean(self) -> bool:
+        """True when there are merged bytes to write."""
         return self.merged is not None
 
 
