@@ -391,7 +391,9 @@ class HttpRemote(Remote):
         self._base = f"{self.url}{p.API_PREFIX}/ws/{quote(workspace, safe='')}"
         self._session = requests.Session()
         self._session.auth = _Bearer(token)
-        self._session.verify = str(ca_file) if ca_file else True
+        # Passed with every request: requests lets REQUESTS_CA_BUNDLE override Session.verify.
+        self._verify: str | bool = str(ca_file) if ca_file else True
+        self._session.verify = self._verify
         self._session.headers.update(
             {
                 p.PROTOCOL_HEADER: str(p.PROTOCOL_VERSION),
@@ -450,6 +452,7 @@ class HttpRemote(Remote):
                         timeout=(min(self.timeout, 10.0), self.timeout),
                         stream=True,
                         allow_redirects=False,
+                        verify=self._verify,
                     )
                 except requests.exceptions.SSLError as exc:
                     raise ServerUnreachable(

@@ -69,6 +69,7 @@ class RunningServer:
     spec: StorageSpec
     settings: Any = None
     announce: Any = None
+    tls: tuple[Path, Path] | None = None  # (certfile, keyfile): serve HTTPS
     port: int = 0
     storage: Any = None
     app: Any = None
@@ -79,7 +80,7 @@ class RunningServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def start(self) -> RunningServer:
         import uvicorn
@@ -98,6 +99,8 @@ class RunningServer:
             ws="none",
             lifespan="off",
             timeout_graceful_shutdown=2,
+            ssl_certfile=str(self.tls[0]) if self.tls else None,
+            ssl_keyfile=str(self.tls[1]) if self.tls else None,
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
@@ -205,17 +208,21 @@ def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StorageS
 
 @pytest.fixture
 def server_factory(tmp_path: Path) -> Iterator[Any]:
-    """``make(spec=None, *, settings=None, announce=None) -> RunningServer``; stopped after."""
+    """``make(spec=None, *, settings=None, announce=None, tls=None) -> RunningServer``."""
     started: list[RunningServer] = []
     count = 0
 
     def make(
-        spec: StorageSpec | None = None, *, settings: Any = None, announce: Any = None
+        spec: StorageSpec | None = None,
+        *,
+        settings: Any = None,
+        announce: Any = None,
+        tls: tuple[Path, Path] | None = None,
     ) -> RunningServer:
         nonlocal count
         count += 1
         spec = spec or StorageSpec("sqlite", data_dir=tmp_path / f"server-{count}")
-        server = RunningServer(spec, settings=settings, announce=announce)
+        server = RunningServer(spec, settings=settings, announce=announce, tls=tls)
         started.append(server)
         return server.start()
 

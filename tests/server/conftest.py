@@ -160,6 +160,7 @@ class FaultProxy:
                     if k.lower()
                     not in ("host", "accept-encoding", "transfer-encoding", "content-length")
                 }
+                fwd["Accept-Encoding"] = "identity"  # rewrites see plain bodies
                 resp = session.request(
                     self.command,
                     proxy.upstream + self.path,
@@ -196,7 +197,10 @@ class FaultProxy:
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(
-            target=self._httpd.serve_forever, name="fault-proxy", daemon=True
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.02},
+            name="fault-proxy",
+            daemon=True,
         )
         self._thread.start()
         self._session = session
