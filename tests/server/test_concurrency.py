@@ -100,7 +100,8 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _serve(dsn: str) -> Iterator[str]:
+def _serve_cmd(storage_args: list[str]) -> Iterator[str]:
+    """Run `syncengine serve` as a real process on a free port; yields its URL."""
     port = _free_port()
     cmd = [
         sys.executable,
@@ -109,8 +110,7 @@ def _serve(dsn: str) -> Iterator[str]:
         "serve",
         "--port",
         str(port),
-        "--db",
-        dsn,
+        *storage_args,
         "--log-level",
         "warning",
     ]
@@ -129,6 +129,10 @@ def _serve(dsn: str) -> Iterator[str]:
             proc.kill()
             proc.wait(10)
         proc.stdout.close()
+
+
+def _serve(dsn: str) -> contextlib.AbstractContextManager[str]:
+    return _serve_cmd(["--db", dsn])
 
 
 def _wait(ready: Callable[[], bool], proc: subprocess.Popen) -> None:
