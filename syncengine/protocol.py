@@ -167,7 +167,15 @@ def to_dict(message: Any) -> dict[str, Any]:
     """The JSON-ready form of any message dataclass (client-only fields left out)."""
     out = asdict(message)
     out.pop("rejected", None)
-    return out
+    return _lists(out)
+
+
+def _lists(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_lists(v) for v in value]
+    return value
 
 
 # ---------------------------------------------------------------- messages

@@ -151,3 +151,15 @@ def test_the_change_log_records_who_and_when(api):
     assert change["op_id"] == op.op_id and change["client_id"] == "laptop" and change["size"] == 5
     assert change["executable"] is True and change["received_at"] > 1_600_000_000 * 10**9
     assert change["rev"] == change["seq"] == 1 and change["old_path"] is None
+
+
+def test_the_announce_hook_hears_each_commit_that_wrote(server_factory, api_for):
+    """announce(ws, last_seq) follows each commit that wrote changes, and no other."""
+    heard: list[tuple[str, int]] = []
+    server = server_factory(announce=lambda ws, seq: heard.append((ws, seq)))
+    api = api_for(server, "alpha")
+    digest = api.put_blob(b"x")
+    api.commit([item("d1", "a.txt", None, digest), item("d2", "b.txt", None, digest)])
+    api.commit([item("d1", "a.txt", 1, digest)])  # identical: nothing written
+    api.commit([item("d1", "c.txt", 1, digest)])
+    assert heard == [("alpha", 2), ("alpha", 3)]

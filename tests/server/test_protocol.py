@@ -1,0 +1,159 @@
+"""protocol.py on its own: round trips, strict validation, op ids, pack framing."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from syncengine import protocol as p
+from syncengine.errors import UnsafePath
+
+hashes = st.text("0123456789abcdef", min_size=64, max_size=64)
+ids = st.builds(str.__add__, st.sampled_from("aZ09"), st.text("abcXYZ019._-", max_size=12))
+names = st.text("abcXYZ019 _éß-", min_size=1, max_size=10).filter(lambda s: s.strip(" ") == s)
+paths = st.lists(names, min_size=1, max_size=4).map("/".join)
+
+
+@st.composite
+def changes(draw: st.DrawFn, seq: int) -> p.Change:
+    deleted = draw(st.booleans())
+    return p.Change(
+        seq=seq,
+        doc_id=draw(ids),
+        path=draw(paths),
+        old_path=draw(st.none() | paths),
+        rev=seq,
+        hash=None if deleted else draw(hashes),
+        deleted=deleted,
+        executable=draw(st.booleans()),
+        size=None if deleted else draw(st.integers(0, 2**40)),
+        op_id=draw(st.none() | hashes),
+        client_id=draw(st.none() | ids),
+        received_at=draw(st.integers(0, 2**62)),
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(0, 50).flatmap(lambda n: st.tuples(*[changes(i + 1) for i in range(n)])),
+    st.booleans(),
+)
+def test_a_changes_page_survives_a_round_trip(items, more):
+    """to_dict then from_dict gives back the same page, for any valid changes."""
+    page = p.ChangesPage("server1", 1, len(items), tuple(items), more)
+    assert p.ChangesPage.from_dict(p.to_dict(page), since=0) == page
+
+
+@settings(max_examples=60, deadline=None)
+@given(ids, ids, st.none() | st.integers(1, 2**40), paths, st.none() | hashes, st.booleans())
+def test_op_ids_are_a_pure_function_of_the_intent(client, doc, base, path, digest, executable):
+    """The same intent gives the same op id; changing any part of it gives another."""
+    one = p.CommitItem.make(client, doc, path, base, digest, executable)
+    assert one == p.CommitItem.make(client, doc, path, base, digest, executable)
+    assert p.CommitItem.from_dict(p.to_dict(one)) == one
+    assert one.op_id != p.make_op_id(client, doc, base, path, digest, not executable)
+    assert one.op_id != p.make_op_id(client + "x", doc, base, path, digest, executable)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {
+            "seq": True,
+            "doc_id": "d",
+            "path": "a",
+            "old_path": None,
+            "rev": 1,
+            "hash": None,
+            "deleted": True,
+            "executable": False,
+            "size": None,
+            "op_id": None,
+            "client_id": None,
+            "received_at": 0,
+        },
+        {
+            "seq": 1,
+            "doc_id": "d",
+            "path": "a",
+            "old_path": None,
+            "rev": 1,
+            "hash": None,
+            "deleted": False,
+            "executable": False,
+            "size": None,
+            "op_id": None,
+            "client_id": None,
+            "received_at": 0,
+        },
+        {
+            "seq": 1,
+            "doc_id": "../d",
+            "path": "a",
+            "old_path": None,
+            "rev": 1,
+            "hash": None,
+            "deleted": True,
+            "executable": False,
+            "size": None,
+            "op_id": None,
+            "client_id": None,
+            "received_at": 0,
+        },
+        {
+            "seq": 1,
+            "doc_id": "d",
+            "path": "a",
+            "old_path": None,
+            "rev": 1,
+            "hash": "AB" * 32,
+            "deleted": False,
+            "executable": False,
+            "size": 1,
+            "op_id": None,
+            "client_id": None,
+            "received_at": 0,
+        },
+        {"seq": 1},
+        ["not", "an", "object"],
+    ],
+    ids=["bool-for-int", "hash-null-but-live", "bad-doc-id", "uppercase-hash", "missing", "list"],
+)
+def test_malformed_changes_raise_protocol_error(raw):
+    """Wrong types, inconsistent deletion, bad ids and hashes, missing fields: ProtocolError."""
+    with pytest.raises(p.ProtocolError):
+        p.Change.from_dict(raw)
+
+
+def test_paths_are_checked_by_the_one_path_rule():
+    """wire_path accepts what check_path accepts and raises UnsafePath for the rest."""
+    assert p.wire_path("notes/ok.md") == "notes/ok.md"
+    for bad in ("/abs", "a/../b", "e\u0301", "a\x00", ".syncengine/x"):
+        with pytest.raises(UnsafePath):
+            p.wire_path(bad)
+
+
+def test_pack_headers_round_trip_and_refuse_overflows():
+    """A pack header decodes to what was encoded; sizes over the pack cap are refused."""
+    header = p.PackHeader((p.PackEntry("a" * 64, 3),), missing=("b" * 64,), large=("c" * 64,))
+    assert p.PackHeader.decode(header.encode().rstrip(b"\n")) == header
+    huge = p.PackHeader((p.PackEntry("a" * 64, p.MAX_PACK_BYTES), p.PackEntry("b" * 64, 1)))
+    with pytest.raises(p.ProtocolError):
+        p.PackHeader.decode(huge.encode())
+    for bad in (b"nope", b'{"blobs": [["a", 1]]}', b'{"blobs": [["' + b"a" * 64 + b'", -1]]}'):
+        with pytest.raises(p.ProtocolError):
+            p.PackHeader.decode(bad)
+
+
+def test_pack_groups_respect_both_limits():
+    """pack_groups never exceeds the byte cap or 1000 blobs, and keeps every hash once, in order."""
+    sizes = [(f"{i:064x}", 1 << 20) for i in range(70)] + [
+        (f"{i:064x}", 1) for i in range(70, 2100)
+    ]
+    groups = list(p.pack_groups(sizes))
+    assert [h for g in groups for h in g] == [h for h, _ in sizes]
+    size_of = dict(sizes)
+    assert all(
+        sum(size_of[h] for h in g) <= p.MAX_PACK_BYTES and len(g) <= p.MAX_HASHES for g in groups
+    )
