@@ -30,8 +30,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware.gzip import GZipMiddleware
+from starlette.requests import ClientDisconnect
 
-from syncengine import protocol as p
+import syncengine.protocol as p
 from syncengine.errors import BusyError, UnsafePath
 from syncengine.server.guard import ApiError, GuardMiddleware, Limits
 from syncengine.server.storage import BlobInfo, Storage, compress_chunk
@@ -447,6 +448,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(
             {"error": "bad_request", "message": "; ".join(parts) or "invalid request"},
             status_code=400,
+        )
+
+    @app.exception_handler(ClientDisconnect)
+    async def gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # The client went away mid-body: nothing was stored, and nobody reads this answer.
+        return JSONResponse(
+            {"error": "bad_request", "message": "client disconnected"}, status_code=400
         )
 
     @app.exception_handler(BusyError)
