@@ -129,6 +129,3 @@ def main(args: list[str] | None = None) -> int:
 def run() -> None:
     sys.exit(main())
 
-
-if __name__ == "__main__":
-    run()

@@ -78,16 +78,23 @@ _fault_override: list[tuple[str, int, int]] = []
 
 
 def failpoint(name: str) -> None:
-    """Kill this process here if the environment names this failpoint."""
+    """Kill this process here if the environment names this failpoint.
+
+    ``name:N`` fires on the Nth hit; ``name=raise`` raises RuntimeError
+    instead of killing (to test the crash path without losing the process).
+    """
     spec = os.environ.get("SYNCENGINE_FAILPOINT")
     if not spec:
         return
     for item in spec.split(","):
-        point, _, nth = item.strip().partition(":")
+        item, _, action = item.strip().partition("=")
+        point, _, nth = item.partition(":")
         if point != name:
             continue
         _hits[name] = _hits.get(name, 0) + 1
         if _hits[name] >= int(nth or 1):
+            if action == "raise":
+                raise RuntimeError(f"failpoint {name} reached")
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -111,6 +118,11 @@ def _faults() -> list[tuple[str, int, int]]:
             op, nth, name = item.split(":")
             faults.append((op, int(nth), getattr(errno_mod, name)))
     return faults
+
+
+def check_fault(op: str, path: os.PathLike | str) -> None:
+    """Raise the injected OSError if this is the operation a test asked to fail."""
+    _maybe_fault(op, path)
 
 
 def _maybe_fault(op: str, path: os.PathLike | str) -> None:
@@ -180,7 +192,13 @@ def iter_file(path: Path) -> Iterator[bytes]:
 
 
 def hash_file(path: Path, retries: int = 3) -> tuple[str, FileStat]:
-    """sha256 of a file, with a stat that provably belongs to those bytes.
+    """sha256 of a file, with a stat that provably belongs to those bytes."""
+    digest, stat, _head = hash_with_head(path, retries)
+    return digest, stat
+
+
+def hash_with_head(path: Path, retries: int = 3, head_size: int = 8192) -> tuple[str, FileStat, bytes]:
+    """sha256, stat and first bytes of a file (the head tells text from binary).
 
     The file is stat'ed before and after reading (on the open descriptor);
     if it moved in between, somebody was writing it, so read again (D9).
@@ -188,15 +206,17 @@ def hash_file(path: Path, retries: int = 3) -> tuple[str, FileStat]:
     for _attempt in range(retries):
         fd = _open_nofollow(path)
         with os.fdopen(fd, "rb") as fh:
-            before = FileStat.of(os.fstat(fh.fileno()))
-            if not stat_mod.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            st = os.fstat(fh.fileno())
+            if not stat_mod.S_ISREG(st.st_mode):
                 raise IsADirectoryError(errno_mod.EISDIR, "not a regular file", str(path))
-            digest = hashlib.sha256()
+            before = FileStat.of(st)
+            first = fh.read(CHUNK)
+            digest = hashlib.sha256(first)
             while chunk := fh.read(CHUNK):
                 digest.update(chunk)
             after = FileStat.of(os.fstat(fh.fileno()))
         if before == after:
-            return digest.hexdigest(), after
+            return digest.hexdigest(), after, first[:head_size]
     raise OSError(errno_mod.EBUSY, "file kept changing while it was read", str(path))
 
 

@@ -1,0 +1,311 @@
+"""The facade: one object per workspace that the CLI, the daemon and scripts use.
+
+Every public method returns plain values from :mod:`syncengine.models`.
+Opening is lazy and cheap; the journal is opened on first use, after any
+apply a killed process left half-done has been finished (fsops.recover_trash),
+so no scan ever mistakes that gap for a deletion.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from syncengine import history, scanner, workspace
+from syncengine.blobs import BlobStore
+from syncengine.config import Config
+from syncengine.credentials import save_token
+from syncengine.errors import JournalDamaged, UsageError
+from syncengine.fsops import clean_temp_files, failpoint, recover_trash
+from syncengine.journal import EventLog, Journal, integrity_ok
+from syncengine.locks import FileLock
+from syncengine.models import (
+    ConflictInfo,
+    DocDiff,
+    InitReport,
+    LogEntry,
+    PendingCounts,
+    PendingItem,
+    RepairReport,
+    RestoreReport,
+    ScanReport,
+    SnapshotInfo,
+    Status,
+    SyncInfo,
+)
+from syncengine.paths import IgnoreRules, check_path
+
+
+class Workspace:
+    """A synced folder: its files, journal, blob store and settings."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).absolute()
+        self.layout = workspace.Layout(self.root)
+        self.config = Config.load(self.layout.config)
+        self.ignore = IgnoreRules(self.root)
+        self._journal: Journal | None = None
+        self._events: EventLog | None = None
+        self._blobs: BlobStore | None = None
+        self.scan_lock = FileLock(self.layout.state / "scan.lock", "scan")
+
+    # ------------------------------------------------------------ opening
+
+    @classmethod
+    def find(cls, start: Path | str = ".") -> Workspace:
+        """The workspace containing ``start`` (like git); NotAWorkspace otherwise."""
+        return cls(workspace.find_root(Path(start)))
+
+    @classmethod
+    def init(
+        cls,
+        path: Path | str = ".",
+        *,
+        server: str | None = None,
+        name: str | None = None,
+        token: str | None = None,
+        config: Config | None = None,
+    ) -> tuple[Workspace, InitReport]:
+        """Create a workspace at ``path`` and record every file already there.
+
+        With a server, ``name`` is the workspace's name there (default: the
+        folder's name) and ``token`` is stored with mode 0600.
+        """
+        config = config or Config()
+        if server:
+            config.server.url = server.rstrip("/")
+            config.server.workspace = name or Path(path).absolute().name
+        elif name or token:
+            raise UsageError("--workspace and a token need --server")
+        layout = workspace.create(Path(path), config)
+        if token:
+            save_token(layout.token, token)
+        ws = cls(layout.root)
+        report = ws.scan()
+        return ws, InitReport(str(ws.root), True, ws.config.server.url or None,
+                              ws.config.server.workspace or None, report.files)
+
+    @property
+    def journal(self) -> Journal:
+        if self._journal is None:
+            if not self.root.is_dir():
+                raise workspace.NotAWorkspace(f"{self.root} is gone")
+            recover_trash(self.root)
+            self._journal = Journal.open(self.layout.journal)
+            self._check_identity(self._journal)
+        return self._journal
+
+    @property
+    def events(self) -> EventLog:
+        if self._events is None:
+            self._events = EventLog(self.layout.events)
+        return self._events
+
+    @property
+    def blobs(self) -> BlobStore:
+        if self._blobs is None:
+            self._blobs = BlobStore(self.layout.objects)
+        return self._blobs
+
+    def _check_identity(self, journal: Journal) -> None:
+        """A copied workspace is a new replica: it takes a new client id."""
+        dev, ino = workspace.root_identity(self.root)
+        state = journal.state()
+        if state["root_dev"] is None:
+            journal.update_state(root_dev=dev, root_ino=ino)
+        elif (state["root_dev"], state["root_ino"]) != (dev, ino):
+            import uuid
+
+            journal.update_state(root_dev=dev, root_ino=ino, client_id=uuid.uuid4().hex)
+
+    def close(self) -> None:
+        for db in (self._journal, self._events):
+            if db is not None:
+                db.close()
+        self._journal = self._events = None
+
+    def __enter__(self) -> Workspace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ paths
+
+    def rel(self, path: str | Path, cwd: Path | None = None) -> str:
+        """A user-typed path (relative to ``cwd`` or absolute) as a workspace path."""
+        raw = Path(path)
+        absolute = raw if raw.is_absolute() else (cwd or Path.cwd()) / raw
+        resolved = Path(os.path.normpath(absolute))
+        try:
+            rel = resolved.relative_to(self.root).as_posix()
+        except ValueError:
+            raise UsageError(f"{path} is outside the workspace {self.root}")
+        if rel in (".", ""):
+            return ""
+        check_path(rel)
+        return rel
+
+    # ------------------------------------------------------------ scanning and status
+
+    def scan(self) -> ScanReport:
+        """Journal whatever changed on disk since the last scan."""
+        with self.scan_lock.acquire(timeout=self.config.sync.wait):
+            return scanner.scan(self.root, self.journal, self.ignore)
+
+    def status(self) -> Status:
+        """Scan, then summarise pending changes, conflicts, snapshots and sync."""
+        failpoint("status.start")
+        report = self.scan()
+        journal = self.journal
+        pending = self._pending()
+        counts = PendingCounts(**{op: sum(1 for p in pending if p.op == op)
+                                  for op in ("created", "modified", "deleted", "moved")})
+        snaps = journal.snapshots(limit=1)
+        return Status(
+            root=str(self.root),
+            files=report.files,
+            pending=counts,
+            pending_paths=tuple(pending[:200]),
+            since_snapshot=journal.unsnapshotted_count(),
+            conflicts=tuple(self.conflicts()),
+            last_snapshot=history.snapshot_info(snaps[0]) if snaps else None,
+            sync=self._sync_info(),
+            scan=report,
+            errors=report.problems,
+        )
+
+    def _pending(self) -> list[PendingItem]:
+        """Documents whose local state differs from the last synced base."""
+        rows = self.journal.execute(
+            "SELECT path, base_rev, base_path, base_hash FROM document "
+            "WHERE NOT (path IS base_path AND hash IS base_hash AND base_rev IS NOT NULL) "
+            "AND NOT (path IS NULL AND base_hash IS NULL) ORDER BY COALESCE(path, base_path)"
+        )
+        items = []
+        for path, base_rev, base_path, base_hash in rows:
+            if path is None:
+                items.append(PendingItem("deleted", base_path))
+            elif base_rev is None or base_hash is None:
+                items.append(PendingItem("created", path))
+            elif path != base_path:
+                items.append(PendingItem("moved", path, base_path))
+            else:
+                items.append(PendingItem("modified", path))
+        return items
+
+    def _sync_info(self) -> SyncInfo:
+        state = self.journal.state()
+        return SyncInfo(
+            server=self.config.server.url or state["server_url"],
+            workspace=self.config.server.workspace or state["workspace"],
+            last_sync_at=history.iso(state["last_sync_at"]),
+            last_sync_ok=state["last_sync_ok"],
+            last_error=state["last_error"],
+            unreachable_since=history.iso(state["unreachable_since"]),
+            guard=state["guard"],
+        )
+
+    def conflicts(self) -> list[ConflictInfo]:
+        import json
+
+        return [
+            ConflictInfo(c["id"], c["path"], c["kind"], c["strategy"], history.iso(c["created_at"]),
+                         json.loads(c["details"]) if c["details"] else None, c["copy_path"])
+            for c in self.journal.open_conflicts()
+        ]
+
+    # ------------------------------------------------------------ history
+
+    def log(self, path: str | None = None, limit: int | None = 20) -> list[LogEntry]:
+        return history.log_entries(self.journal, path or None, limit)
+
+    def snapshot(self, message: str | None = None, *, trigger: str = "manual",
+                 skip_if_unchanged: bool = False) -> SnapshotInfo | None:
+        """Scan, then record the current state of every file."""
+        self.scan()
+        with self.scan_lock.acquire(timeout=self.config.sync.wait):
+            info, _problems = history.take_snapshot(self.root, self.journal, self.blobs, message=message,
+                                                    trigger=trigger, skip_if_unchanged=skip_if_unchanged)
+        return info
+
+    def snapshots(self, limit: int | None = None) -> list[SnapshotInfo]:
+        return history.list_snapshots(self.journal, limit)
+
+    def restore(self, snapshot: str | int, paths: Iterable[str] = ()) -> RestoreReport:
+        """Bring back a snapshot (whole, or some paths) after a safety snapshot."""
+        journal = self.journal
+        sid = history.resolve_snapshot(journal, snapshot)
+        safety = self.snapshot(f"before restoring snapshot {sid}", trigger="safety")
+        with self.scan_lock.acquire(timeout=self.config.sync.wait):
+            report, problems = history.restore(self.root, journal, self.blobs, sid, paths,
+                                               safety_snapshot_id=safety.id if safety else None)
+            changes, restamps, _ = scanner.detect(self.root, journal, self.ignore)
+            journal.record_local(changes, restamps, origin="restore")
+        if problems:
+            from syncengine.errors import FileSystemError
+
+            raise FileSystemError(
+                f"{len(problems)} path(s) could not be restored: "
+                + "; ".join(f"{p.path}: {p.reason}" for p in problems[:3]),
+                paths=[p.path for p in problems],
+                title="Restore incomplete",
+            )
+        return report
+
+    def diff(self, path: str | None = None, since: str | int | None = None) -> list[DocDiff]:
+        from syncengine import diffs
+
+        self.scan()
+        snapshot_id = history.resolve_snapshot(self.journal, since) if since is not None else None
+        return diffs.diff_workspace(self.root, self.journal, self.blobs, path or None, snapshot_id)
+
+    # ------------------------------------------------------------ repair
+
+    @classmethod
+    def repair(cls, root: Path) -> RepairReport:
+        """Set a damaged journal aside and rebuild it from the files, with no base.
+
+        With no base the next sync deletes nothing: every difference with the
+        server becomes a conflict (Unison's conservative rule).
+        """
+        layout = workspace.Layout(root)
+        state = "missing"
+        if layout.journal.exists():
+            state = "damaged"
+            with contextlib.suppress(Exception):
+                journal = Journal.open(layout.journal)
+                try:
+                    if journal.integrity_ok():
+                        state = "ok"
+                finally:
+                    journal.close()
+        moved = None
+        if state == "damaged":
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+            moved = layout.state / f"journal.db.damaged-{stamp}"
+            for suffix in ("", "-wal", "-shm"):
+                src = Path(str(layout.journal) + suffix)
+                if src.exists():
+                    shutil.move(src, Path(str(moved) + suffix))
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(str(layout.events) + suffix)
+        if state == "ok":
+            ws = cls(root)
+            files = ws.journal.count_present()
+            ws.close()
+            return RepairReport(None, files, "ok")
+        ws = cls(root)
+        clean_temp_files(root)
+        try:
+            report = ws.scan()
+            if not integrity_ok(ws.journal.db):
+                raise JournalDamaged("the rebuilt journal failed its integrity check")
+        finally:
+            ws.close()
+        return RepairReport(str(moved) if moved else None, report.files, state)

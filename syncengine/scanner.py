@@ -1,0 +1,257 @@
+"""The scanner: the truth about what changed on disk, at the cost of a stat walk.
+
+Watcher events are hints; this is what they are checked against. A file is
+hashed only when its (size, mtime_ns, ctime_ns, inode) differ from the
+journal, or when it is "racy": its mtime falls within a timestamp tick of
+the previous scan, so an edit in that same tick could hide behind an equal
+mtime (git's racy-clean rule). Files that vanished are matched to new ones
+as moves — by inode first, then by content hash — so an edit follows its
+document across a rename.
+"""
+
+from __future__ import annotations
+
+import os
+import stat as stat_mod
+import time
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from syncengine.documents import kind_for
+from syncengine.fsops import FileStat, check_fault, hash_with_head, is_temp_name
+from syncengine.journal import Journal
+from syncengine.models import LocalChange, Op, ScanProblem, ScanReport
+from syncengine.paths import STATE_DIR, IgnoreRules
+
+RACY_NS = 2_000_000_000  # coarse enough for FAT/HFS+ timestamps; costs one extra hash at most
+
+Progress = Callable[[int, int | None], None]
+
+
+@dataclass
+class Walk:
+    """What a stat walk saw: files by relative path, and what it could not read."""
+
+    files: dict[str, FileStat] = field(default_factory=dict)
+    problems: list[ScanProblem] = field(default_factory=list)
+    unreadable_dirs: list[str] = field(default_factory=list)
+
+
+def _name_problem(rel: str) -> str | None:
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return "file name is not valid UTF-8 (not synced)"
+    if unicodedata.normalize("NFC", rel) != rel:
+        return "file name is not NFC-normalised Unicode (not synced; rename it)"
+    return None
+
+
+def walk(root: Path, ignore: IgnoreRules, only: list[str] | None = None) -> Walk:
+    """lstat every file under ``root`` (or under the folders in ``only``).
+
+    Symlinks, sockets and devices are skipped and never followed; a folder
+    that cannot be listed is reported and remembered, so that the files the
+    journal knows inside it are not mistaken for deletions.
+    """
+    result = Walk()
+    stack = [(root, "")] if not only else [(root / d, d) for d in only]
+    while stack:
+        folder, prefix = stack.pop()
+        try:
+            check_fault("list", folder)
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            result.problems.append(ScanProblem(prefix or ".", f"cannot list folder: {exc.strerror}"))
+            result.unreadable_dirs.append(prefix)
+            continue
+        for entry in entries:
+            name = entry.name
+            rel = f"{prefix}/{name}" if prefix else name
+            if not prefix and name == STATE_DIR:
+                continue
+            if is_temp_name(name):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue  # vanished between listing and stat: the next scan sees it
+            mode = st.st_mode
+            if stat_mod.S_ISDIR(mode):
+                if not ignore.ignored(rel, is_dir=True):
+                    stack.append((Path(entry.path), rel))
+                continue
+            if not stat_mod.S_ISREG(mode) or ignore.ignored(rel):
+                continue
+            problem = _name_problem(rel)
+            if problem:
+                result.problems.append(ScanProblem(rel.encode("utf-8", "replace").decode(), problem))
+                continue
+            result.files[rel] = FileStat.of(st)
+    return result
+
+
+def _under(path: str, folders: list[str]) -> bool:
+    return any(folder == "" or path == folder or path.startswith(folder + "/") for folder in folders)
+
+
+def detect(
+    root: Path,
+    journal: Journal,
+    ignore: IgnoreRules,
+    *,
+    progress: Progress | None = None,
+) -> tuple[list[LocalChange], list[tuple[str, FileStat]], ScanReport]:
+    """Compare disk with the journal; returns (changes, restamps, report) without writing."""
+    started = time.monotonic()
+    state = journal.state()
+    racy_after = (state.get("last_scan_ns") or 0) - RACY_NS
+    index = journal.local_index()
+    seen = walk(root, ignore)
+    problems = list(seen.problems)
+
+    to_hash: list[str] = []
+    for rel, st in seen.files.items():
+        known = index.get(rel)
+        if known is None:
+            to_hash.append(rel)
+            continue
+        _doc, _hash, size, mtime_ns, ctime_ns, inode, mode, _kind = known
+        moved = (st.size, st.mtime_ns, st.ctime_ns, st.inode, st.mode) != (size, mtime_ns, ctime_ns, inode, mode)
+        if moved or st.mtime_ns >= racy_after:
+            to_hash.append(rel)
+
+    hashed: dict[str, tuple[str, FileStat, bytes]] = {}
+    total = len(to_hash)
+    for done, rel in enumerate(to_hash, 1):
+        try:
+            hashed[rel] = hash_with_head(root / rel)
+        except FileNotFoundError:
+            seen.files.pop(rel, None)  # deleted while we scanned: treated as absent
+        except OSError as exc:
+            problems.append(ScanProblem(rel, f"cannot read: {exc.strerror or exc}"))
+        if progress and (done % 500 == 0 or done == total):
+            progress(done, total)
+
+    changes: list[LocalChange] = []
+    restamps: list[tuple[str, FileStat]] = []
+    created: list[str] = []
+    for rel in to_hash:
+        if rel not in hashed:
+            continue
+        digest, st, head = hashed[rel]
+        known = index.get(rel)
+        if known is None:
+            created.append(rel)
+        elif digest != known[1] or (st.mode & 0o111) != ((known[6] or 0) & 0o111):
+            changes.append(_change(Op.MODIFIED, rel, digest, st, doc_id=known[0], kind=known[7]))
+        else:
+            restamps.append((rel, st))
+
+    unreadable = set(p.path for p in problems)
+    gone = [
+        rel for rel in index
+        if rel not in seen.files
+        and rel not in unreadable
+        and not _under(rel, seen.unreadable_dirs)
+        and not ignore.ignored(rel)  # newly ignored: never read as deleted
+    ]
+    moves = _match_moves(gone, created, index, hashed)
+    moved_new = {new for _old, new in moves}
+    moved_old = {old for old, _new in moves}
+    for old, new in moves:
+        digest, st, _head = hashed[new]
+        changes.append(_change(Op.MOVED, new, digest, st, doc_id=index[old][0], kind=index[old][7], old_path=old))
+    for rel in sorted(set(created) - moved_new):
+        digest, st, head = hashed[rel]
+        changes.append(_change(Op.CREATED, rel, digest, st, kind=kind_for(rel, head).value))
+    for rel in sorted(set(gone) - moved_old):
+        changes.append(LocalChange(Op.DELETED, rel, doc_id=index[rel][0], kind=index[rel][7]))
+
+    report = ScanReport(
+        created=tuple(sorted(set(created) - moved_new)),
+        modified=tuple(sorted(c.path for c in changes if c.op is Op.MODIFIED)),
+        deleted=tuple(sorted(set(gone) - moved_old)),
+        moved=tuple(sorted(moves)),
+        problems=tuple(problems),
+        files=len(seen.files),
+        hashed=len(hashed),
+        seconds=round(time.monotonic() - started, 4),
+    )
+    return changes, restamps, report
+
+
+def _change(op: Op, rel: str, digest: str, st: FileStat, **kw) -> LocalChange:
+    return LocalChange(op, rel, hash=digest, size=st.size, mtime_ns=st.mtime_ns, ctime_ns=st.ctime_ns,
+                       inode=st.inode, mode=st.mode, **kw)
+
+
+def _match_moves(
+    gone: list[str],
+    created: list[str],
+    index: dict[str, tuple],
+    hashed: dict[str, tuple[str, FileStat, bytes]],
+) -> list[tuple[str, str]]:
+    """Pair vanished paths with new ones: same inode first, then same hash.
+
+    Several files can share a hash (templates, empty files); pairing them in
+    sorted order makes the outcome the same on every run and every replica.
+    """
+    if not gone or not created:
+        return []
+    pairs: list[tuple[str, str]] = []
+    free_new = sorted(created)
+    by_inode = {}
+    for rel in free_new:
+        by_inode.setdefault(hashed[rel][1].inode, rel)
+    free_old: list[str] = []
+    for old in sorted(gone):
+        new = by_inode.get(index[old][5])
+        # Same inode, and the same bytes or the same mtime: the same file under
+        # a new name (`mv` keeps the mtime). A bare inode match is not enough:
+        # ext4 hands a deleted file's inode to the next new file at once.
+        if (
+            new is not None
+            and new in free_new
+            and hashed[new][1].size > 0
+            and (hashed[new][0] == index[old][1] or hashed[new][1].mtime_ns == index[old][3])
+        ):
+            pairs.append((old, new))
+            free_new.remove(new)
+            del by_inode[hashed[new][1].inode]
+        else:
+            free_old.append(old)
+    by_hash: dict[str, list[str]] = {}
+    for rel in free_new:
+        by_hash.setdefault(hashed[rel][0], []).append(rel)
+    for old in free_old:
+        candidates = by_hash.get(index[old][1])
+        if candidates and index[old][2]:  # never pair empty files by hash
+            pairs.append((old, candidates.pop(0)))
+    return pairs
+
+
+def scan(
+    root: Path,
+    journal: Journal,
+    ignore: IgnoreRules,
+    *,
+    progress: Progress | None = None,
+) -> ScanReport:
+    """Detect and journal local changes in one transaction.
+
+    The scan's start time is recorded so the next scan knows which files
+    are racy (modified within a tick of it).
+    """
+    started_ns = time.time_ns()
+    ignore.refresh()
+    changes, restamps, report = detect(root, journal, ignore, progress=progress)
+    with journal.writing():
+        if changes or restamps:
+            journal.record_local(changes, restamps)
+        journal.update_state(last_scan_ns=started_ns)
+    return report

@@ -1,0 +1,189 @@
+"""The CLI contract: commands, --json, exit codes, one-line errors, crash log."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import click
+import pytest
+
+from cli.main import cli
+from tests.helpers import cli_env, run_cli, run_proc
+
+
+@pytest.fixture
+def ws_root(sample_tree: Path) -> Path:
+    result = run_cli("init", sample_tree)
+    assert result.code == 0, result.stderr
+    return sample_tree
+
+
+def test_init_creates_the_state_folder(ws_root: Path):
+    """init makes .syncengine/ with a WAL journal, objects/ and config.toml."""
+    state = ws_root / ".syncengine"
+    assert (state / "config.toml").is_file() and (state / "objects").is_dir()
+    with sqlite3.connect(state / "journal.db") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA user_version").fetchone()[0] >= 1
+
+
+def test_init_twice_is_refused(ws_root: Path):
+    """A second init on the same folder exits 5 with one line."""
+    result = run_cli("init", ws_root)
+    assert result.code == 5
+    assert result.stderr.count("\n") == 1 and "already a workspace" in result.stderr
+
+
+def test_init_json_reports_files(sample_tree: Path):
+    """init --json prints one JSON document with the number of files recorded."""
+    result = run_cli("init", sample_tree, "--json")
+    assert result.code == 0
+    assert result.json()["files"] == 28
+
+
+def test_status_json_from_a_subfolder(ws_root: Path):
+    """status works from any folder inside the workspace and reports pending changes by kind."""
+    (ws_root / "notes" / "new.md").write_text("new\n")
+    result = run_cli("-C", ws_root / "invoices", "status", "--json")
+    assert result.code == 0, result.stderr
+    data = result.json()
+    assert data["root"] == str(ws_root)
+    assert data["pending"]["created"] == 29
+    assert data["conflicts"] == [] and data["last_snapshot"] is None
+
+
+def test_status_human_output(ws_root: Path):
+    """status without --json prints a readable summary."""
+    result = run_cli("-C", ws_root, "status")
+    assert result.code == 0
+    assert "Pending sync: 28 created" in result.stdout and "Last snapshot: none" in result.stdout
+
+
+def test_outside_a_workspace_exits_5(tmp_path: Path):
+    """Any workspace command outside a workspace exits 5 with one clear line."""
+    for command in (["status"], ["log"], ["diff"], ["snapshot"], ["snapshots"], ["restore", "1"]):
+        result = run_cli("-C", tmp_path, *command)
+        assert result.code == 5, (command, result.stderr)
+        assert result.stderr.count("\n") == 1 and "not inside a syncengine workspace" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_bad_flag_exits_2_with_one_line(ws_root: Path):
+    """An unknown option is a usage error: exit 2, one line, no traceback."""
+    result = run_cli("-C", ws_root, "status", "--bogus")
+    assert result.code == 2
+    assert result.stderr.count("\n") == 1 and "--bogus" in result.stderr
+
+
+def test_snapshot_restore_round_trip_via_cli(ws_root: Path):
+    """snapshot, edit, restore by id through the CLI gives the old bytes back."""
+    todo = ws_root / "notes" / "todo.md"
+    before = todo.read_bytes()
+    snap = run_cli("-C", ws_root, "snapshot", "-m", "first", "--json").json()
+    todo.write_text("scribbled")
+    result = run_cli("-C", ws_root / "notes", "restore", str(snap["id"]), "todo.md", "--json")
+    assert result.code == 0, result.stderr
+    assert result.json()["written"] == ["notes/todo.md"]
+    assert todo.read_bytes() == before
+    listing = run_cli("-C", ws_root, "snapshots", "--json").json()
+    assert [s["trigger"] for s in listing] == ["safety", "manual"]
+
+
+def test_restore_unknown_snapshot_is_a_usage_error(ws_root: Path):
+    """restore of a snapshot that does not exist exits 2 and changes nothing."""
+    result = run_cli("-C", ws_root, "restore", "99")
+    assert result.code == 2 and "no snapshot" in result.stderr
+
+
+def test_log_and_diff_json(ws_root: Path):
+    """log --json and diff --json print one JSON document each."""
+    run_cli("-C", ws_root, "snapshot")
+    (ws_root / "notes" / "todo.md").write_text("# To do\n")
+    log = run_cli("-C", ws_root, "log", "-n", "1", "--json").json()
+    assert log[0]["op"] == "modified" and log[0]["path"] == "notes/todo.md"
+    diff = run_cli("-C", ws_root, "diff", "notes/todo.md", "--json").json()
+    assert diff[0]["status"] == "modified" and diff[0]["unified"]
+
+
+def test_damaged_journal_exits_5_naming_repair_and_repair_fixes_it(ws_root: Path):
+    """A garbage journal.db gives exit 5 naming `syncengine repair`; repair rebuilds it with no base."""
+    journal = ws_root / ".syncengine" / "journal.db"
+    for suffix in ("-wal", "-shm"):
+        Path(str(journal) + suffix).unlink(missing_ok=True)
+    journal.write_bytes(b"this is not a database" * 100)
+    result = run_cli("-C", ws_root, "status")
+    assert result.code == 5
+    assert "syncengine repair" in result.stderr and result.stderr.count("\n") == 1
+    repaired = run_cli("-C", ws_root, "repair", "--json")
+    assert repaired.code == 0, repaired.stderr
+    data = repaired.json()
+    assert data["integrity"] == "damaged" and data["files"] == 28 and data["moved_aside"]
+    assert Path(data["moved_aside"]).exists()
+    assert run_cli("-C", ws_root, "status").code == 0
+
+
+def test_truncated_journal_is_detected(ws_root: Path):
+    """A journal cut in half is reported as damaged (exit 5), not as an internal error."""
+    run_cli("-C", ws_root, "snapshot")  # make the file bigger than its header
+    journal = ws_root / ".syncengine" / "journal.db"
+    with sqlite3.connect(journal) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    data = journal.read_bytes()
+    journal.write_bytes(data[:4096] + b"\xff" * (len(data) - 4096))
+    result = run_cli("-C", ws_root, "log")
+    assert result.code == 5, result.stderr
+
+
+def test_repair_on_a_healthy_journal_changes_nothing(ws_root: Path):
+    """repair on a healthy journal says so and moves nothing."""
+    result = run_cli("-C", ws_root, "repair", "--json")
+    assert result.code == 0 and result.json()["integrity"] == "ok"
+    assert not list((ws_root / ".syncengine").glob("journal.db.damaged-*"))
+
+
+def test_unexpected_exception_exits_70_with_traceback_in_crash_log(ws_root: Path):
+    """An internal error prints one line, exits 70, and writes the traceback to crash.log."""
+    env = cli_env(SYNCENGINE_FAILPOINT="status.start=raise")
+    result = run_proc("-C", ws_root, "status", env=env)
+    assert result.code == 70
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+    crash = (ws_root / ".syncengine" / "crash.log").read_text()
+    assert "Traceback" in crash and "failpoint status.start reached" in crash
+
+
+def test_token_is_never_taken_from_argv():
+    """init has no option that takes a token value on the command line."""
+    init = cli.commands["init"]
+    assert not [p for p in init.params if isinstance(p, click.Option) and "--token" in p.opts]
+
+
+def test_init_stores_token_from_stdin_with_mode_600(tmp_path: Path):
+    """--token-file - reads the token from stdin and stores it readable by the owner only."""
+    root = tmp_path / "t"
+    result = run_cli("init", root, "--server", "http://127.0.0.1:9", "--workspace", "w",
+                     "--token-file", "-", input="s3cret-token\n")
+    assert result.code == 0, result.stderr
+    token = root / ".syncengine" / "token"
+    assert token.read_text().strip() == "s3cret-token"
+    assert os.stat(token).st_mode & 0o777 == 0o600
+    assert "s3cret" not in result.stdout + result.stderr
+
+
+def test_every_command_has_help_and_is_documented():
+    """Each command answers --help and appears in the README's CLI tour or docs/cli.md."""
+    from tests.helpers import REPO
+
+    docs = (REPO / "README.md").read_text() + (REPO / "docs" / "cli.md").read_text()
+    for name in cli.commands:
+        result = run_cli(name, "--help")
+        assert result.code == 0 and "Usage:" in result.stdout, name
+        assert f"syncengine {name}" in docs, f"{name} is not documented"
+
+
+def test_json_output_is_one_document(ws_root: Path):
+    """--json output parses as exactly one JSON document."""
+    out = run_cli("-C", ws_root, "snapshots", "--json").stdout
+    json.loads(out)

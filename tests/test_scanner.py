@@ -1,0 +1,203 @@
+"""The scanner finds every change on disk, hashes only what it must, and never reads a gap as a deletion."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from syncengine import Workspace
+from syncengine.fsops import inject_fault
+from syncengine.testing import backdate, make_tree
+
+
+@pytest.fixture
+def ws(tmp_path: Path):
+    root = tmp_path / "w"
+    make_tree(root, {"a.json": '{"x": 1}\n', "notes/b.md": "# b\n", "bin/c.bin": b"\x00\x01\x02" * 10})
+    backdate(root)
+    workspace, _ = Workspace.init(root)
+    yield workspace
+    workspace.close()
+
+
+def test_first_scan_records_every_file(ws: Workspace):
+    """init journals every file once, as created, with its kind."""
+    index = ws.journal.local_index()
+    assert sorted(index) == ["a.json", "bin/c.bin", "notes/b.md"]
+    kinds = {path: row[7] for path, row in index.items()}
+    assert kinds == {"a.json": "json", "bin/c.bin": "binary", "notes/b.md": "text"}
+    assert [e.op.value for e in ws.log()] == ["created"] * 3
+
+
+def test_unchanged_rescan_hashes_nothing(ws: Workspace):
+    """A second scan of unchanged (backdated) files stats them and hashes none."""
+    ws.scan()  # the first rescan may hash racy files; after it none is racy
+    report = ws.scan()
+    assert report.hashed == 0 and report.changed == 0 and report.files == 3
+
+
+def test_detects_create_modify_delete(ws: Workspace):
+    """New, edited and removed files are journaled with the right op."""
+    root = ws.root
+    (root / "new.txt").write_text("hello")
+    (root / "a.json").write_text('{"x": 2}\n')
+    os.unlink(root / "notes" / "b.md")
+    report = ws.scan()
+    assert report.created == ("new.txt",)
+    assert report.modified == ("a.json",)
+    assert report.deleted == ("notes/b.md",)
+    ops = {(e.op.value, e.path) for e in ws.log(limit=3)}
+    assert ops == {("created", "new.txt"), ("modified", "a.json"), ("deleted", "notes/b.md")}
+
+
+def test_same_size_same_mtime_edit_is_found_by_ctime(ws: Workspace):
+    """An edit that keeps size and mtime (within one tick) is still detected: ctime moved."""
+    path = ws.root / "a.json"
+    st = path.stat()
+    path.write_text('{"x": 9}\n')  # same length
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_mtime_ns == st.st_mtime_ns
+    report = ws.scan()
+    assert report.modified == ("a.json",)
+
+
+def test_racy_file_is_hashed_again(tmp_path: Path):
+    """A file modified within a tick of the last scan is re-hashed by the next one."""
+    root = tmp_path / "r"
+    make_tree(root, {"f.txt": "one"})
+    ws, _ = Workspace.init(root)
+    try:
+        report = ws.scan()
+        assert report.hashed == 1  # mtime is recent: racy, so hashed again
+    finally:
+        ws.close()
+
+
+def test_move_is_matched_by_inode(ws: Workspace):
+    """`mv` is one move of the same document, not a delete and a create."""
+    before = ws.journal.doc_by_path("a.json").doc_id
+    os.rename(ws.root / "a.json", ws.root / "renamed.json")
+    report = ws.scan()
+    assert report.moved == (("a.json", "renamed.json"),)
+    assert report.created == () and report.deleted == ()
+    assert ws.journal.doc_by_path("renamed.json").doc_id == before
+
+
+def test_move_with_edit_follows_the_document(ws: Workspace):
+    """A file moved and edited before the scan keeps its doc_id (same inode, same mtime via mv)."""
+    before = ws.journal.doc_by_path("notes/b.md").doc_id
+    os.makedirs(ws.root / "archive")
+    os.rename(ws.root / "notes" / "b.md", ws.root / "archive" / "b.md")
+    report = ws.scan()
+    assert report.moved == (("notes/b.md", "archive/b.md"),)
+    assert ws.journal.doc_by_path("archive/b.md").doc_id == before
+
+
+def test_copy_then_delete_is_a_move_by_hash(ws: Workspace):
+    """A new inode with the old bytes (copy + delete) is matched as a move by hash."""
+    shutil.copy(ws.root / "bin" / "c.bin", ws.root / "c-copy.bin")
+    os.unlink(ws.root / "bin" / "c.bin")
+    report = ws.scan()
+    assert report.moved == (("bin/c.bin", "c-copy.bin"),)
+
+
+def test_hash_tie_break_is_deterministic(tmp_path: Path):
+    """Several vanished and new files sharing one hash pair up in sorted order."""
+    root = tmp_path / "t"
+    make_tree(root, {"a1.txt": "same", "a2.txt": "same"})
+    backdate(root)
+    ws, _ = Workspace.init(root)
+    try:
+        for old, new in (("a1.txt", "z2.txt"), ("a2.txt", "z1.txt")):
+            shutil.copy(root / old, root / new)
+            os.unlink(root / old)
+        report = ws.scan()
+        assert report.moved == (("a1.txt", "z1.txt"), ("a2.txt", "z2.txt"))
+    finally:
+        ws.close()
+
+
+def test_ignores_syncignore_temp_files_state_and_symlinks(ws: Workspace):
+    """.syncignore patterns, editor temp files, .syncengine/ and symlinks are never journaled."""
+    root = ws.root
+    (root / ".syncignore").write_text("build/\n*.log\n")
+    make_tree(root, {"build/out.js": "x", "run.log": "x", ".a.json.swp": "x", "notes/b.md~": "x",
+                     ".#lock": "x", "4913": "x", ".syncengine.a.json.1234.tmp": "x"})
+    os.symlink("/etc/passwd", root / "link.txt")
+    os.symlink(root / "notes", root / "notes-link")
+    report = ws.scan()
+    assert report.created == (".syncignore",)
+
+
+def test_newly_ignored_file_is_not_a_deletion(ws: Workspace):
+    """A file that becomes ignored stays journaled as it was, never read as deleted."""
+    (ws.root / ".syncignore").write_text("*.json\n")
+    report = ws.scan()
+    assert report.deleted == ()
+    assert ws.journal.doc_by_path("a.json") is not None
+
+
+def test_unreadable_file_is_reported_and_scan_goes_on(ws: Workspace):
+    """A file that cannot be read is reported; the others are still scanned; nothing is deleted."""
+    (ws.root / "a.json").write_text('{"x": 3}\n')
+    (ws.root / "z.txt").write_text("new")
+    with inject_fault("read", 1, errno.EACCES):
+        report = ws.scan()
+    assert [p.path for p in report.problems] == ["a.json"]
+    assert report.created == ("z.txt",)
+    assert report.deleted == ()
+    assert ws.scan().modified == ("a.json",)  # picked up once readable
+
+
+def test_unlistable_folder_is_not_read_as_deletions(ws: Workspace):
+    """Files inside a folder that cannot be listed are not journaled as deleted."""
+    with inject_fault("list", 2, errno.EACCES):
+        report = ws.scan()
+    assert report.problems and report.deleted == ()
+
+
+def test_non_nfc_name_is_reported_not_synced(ws: Workspace):
+    """A file name in NFD form is reported as unsupported rather than journaled under another name."""
+    (ws.root / "cafe\u0301.txt").write_text("x")
+    report = ws.scan()
+    assert report.created == ()
+    assert any("NFC" in p.reason for p in report.problems)
+
+
+def test_delete_and_recreate_before_sync_is_one_document(ws: Workspace):
+    """Recreating a deleted path later keeps the document's identity once it has a base."""
+    doc = ws.journal.doc_by_path("a.json")
+    ws.journal.update_doc(doc.doc_id, base_path="a.json", base_rev=1, base_hash=doc.hash)
+    os.unlink(ws.root / "a.json")
+    ws.scan()
+    (ws.root / "a.json").write_text('{"x": 5}\n')
+    ws.scan()
+    assert ws.journal.doc_by_path("a.json").doc_id == doc.doc_id
+
+
+@pytest.mark.timeout(120)
+def test_second_status_on_5000_files_hashes_nothing(tmp_path: Path):
+    """On an unchanged 5,000-file tree a second status hashes no file."""
+    root = tmp_path / "big"
+    for d in range(50):
+        folder = root / f"d{d:02d}"
+        folder.mkdir(parents=True)
+        for f in range(100):
+            (folder / f"f{f:03d}.json").write_text(f'{{"d": {d}, "f": {f}}}\n')
+    backdate(root)
+    ws, report = Workspace.init(root)
+    try:
+        assert report.files == 5000
+        first = ws.status()
+        assert first.scan.hashed == 0 and first.files == 5000
+        started = time.monotonic()
+        second = ws.status()
+        assert second.scan.hashed == 0 and second.scan.changed == 0
+        assert time.monotonic() - started < 60  # sanity bound only; timings live in bench/
+    finally:
+        ws.close()
