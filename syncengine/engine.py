@@ -211,12 +211,57 @@ class Workspace:
         )
 
     def conflicts(self) -> list[ConflictInfo]:
+        """Open conflicts (manual ones waiting for `resolve`)."""
+        return self.conflict_infos(self.journal.open_conflicts())
+
+    # ------------------------------------------------------------ sync
+
+    def open_remote(self):
+        """An HttpRemote for this workspace's server (SYNCENGINE_SERVER / _TOKEN override)."""
+        from syncengine.credentials import load_token
+        from syncengine.errors import AuthError
+        from syncengine.remote import HttpRemote
+
+        url = os.environ.get("SYNCENGINE_SERVER") or self.config.server.url
+        if not url or not self.config.server.workspace:
+            raise UsageError("no server configured for this workspace",
+                             hint="run `syncengine init --server URL --workspace NAME` or set SYNCENGINE_SERVER")
+        token = load_token(self.layout.token)
+        if not token:
+            raise AuthError("no token for the server", hint="store one with --token-file or set SYNCENGINE_TOKEN")
+        server = self.config.server
+        return HttpRemote(url, server.workspace, token, ca_file=server.ca_file or None,
+                          allow_http=server.allow_http, timeout=server.timeout, retries=server.retries,
+                          client_id=self.journal.client_id)
+
+    def sync(self, *, strategy: str | None = None, dry_run: bool = False, force: bool = False,
+             max_delete: float | None = None, wait: float | None = None, remote=None, progress=None):
+        """One sync round with the server; returns a SyncReport.
+
+        Server unreachable: RemoteError (exit 3), every local change stays
+        queued. A failure is remembered for `status` (stalled syncing).
+        """
+        from syncengine import sync as syncing
+        from syncengine.errors import RemoteError
+
+        try:
+            report = syncing.sync_once(self, remote=remote, strategy=strategy, dry_run=dry_run, force=force,
+                                       max_delete=max_delete, wait=wait, progress=progress)
+        except RemoteError as exc:
+            state = self.journal.state()
+            self.journal.update_state(last_sync_ok=False, last_error=exc.one_line()[:500],
+                                      unreachable_since=state["unreachable_since"] or time.time_ns())
+            raise
+        return report
+
+    def conflict_infos(self, rows) -> list[ConflictInfo]:
         import json
 
         return [
-            ConflictInfo(c["id"], c["path"], c["kind"], c["strategy"], history.iso(c["created_at"]),
-                         json.loads(c["details"]) if c["details"] else None, c["copy_path"])
-            for c in self.journal.open_conflicts()
+            ConflictInfo(c.get("id") or 0, c["path"], c["kind"], c["strategy"], history.iso(c.get("created_at")),
+                         json.loads(c["details"]) if c.get("details") else None, c.get("copy_path"),
+                         history.iso(c.get("resolved_at")), c.get("resolution"))
+            for c in rows
         ]
 
     # ------------------------------------------------------------ history

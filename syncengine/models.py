@@ -256,3 +256,39 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, list | tuple | set | frozenset):
         return [to_jsonable(v) for v in value]
     return value
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedAction:
+    """One decision of a round, as --dry-run shows it."""
+
+    path: str
+    action: str  # push | pull | adopt | forget | merge
+    detail: str  # the decision-table rule
+    conflict: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SyncReport:
+    server: str
+    workspace: str
+    dry_run: bool
+    pulled: int = 0  # feed entries (or listed documents) read
+    full_listing: bool = False
+    downloaded: tuple[str, ...] = ()
+    deleted: tuple[str, ...] = ()
+    moved: tuple[tuple[str, str], ...] = ()
+    pushed: tuple[str, ...] = ()
+    uploaded: int = 0  # blobs sent
+    conflicts: tuple[ConflictInfo, ...] = ()  # settled or opened in this round
+    open_conflicts: int = 0  # manual conflicts waiting for `resolve`
+    copies: tuple[str, ...] = ()
+    plan: tuple[PlannedAction, ...] = ()
+    problems: tuple[ScanProblem, ...] = ()
+    scan: ScanReport | None = None
+    passes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.open_conflicts else 0

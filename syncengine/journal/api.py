@@ -400,6 +400,101 @@ class Journal:
             query = query.where(K.resolved_at.is_null())
         return list(query.dicts())
 
+    # ------------------------------------------------------------ the sync layer
+
+    @_translated
+    def unsettled(self) -> list[DocRow]:
+        """Documents not in step: no base, or local or remote differs from the base.
+
+        Clean documents are excluded in SQL, so a no-op sync of a large
+        workspace reads nothing it does not need (cost grows with changes).
+        """
+        D = self.m.Document
+        # IS, not =: every comparison must be true or false, never NULL, or a
+        # row with a NULL column would silently drop out of the sync.
+        clean = pw.SQL(
+            "(base_rev IS NOT NULL AND remote_rev IS base_rev AND ("
+            " (hash IS NULL AND base_hash IS NULL) OR"
+            " (hash IS NOT NULL AND path IS base_path AND hash IS base_hash"
+            "  AND (mode & 64) IS (base_mode & 64))))"
+        )
+        gone = pw.SQL("(path IS NULL AND base_rev IS NULL AND remote_rev IS NULL)")
+        query = self._doc_select().where(pw.NodeList((pw.SQL("NOT"), clean, pw.SQL("AND NOT"), gone)))
+        return self._rows(query.order_by(D.id))
+
+    @_translated
+    def docs_by_ids(self, doc_ids: Iterable[str]) -> dict[str, DocRow]:
+        D = self.m.Document
+        ids = list(doc_ids)
+        out: dict[str, DocRow] = {}
+        for chunk in _chunks(ids, 500):
+            for row in self._rows(self._doc_select().where(D.doc_id.in_(chunk))):
+                out[row.doc_id] = row
+        return out
+
+    @_translated
+    def docs_by_local_paths(self, paths: Iterable[str]) -> dict[str, DocRow]:
+        D = self.m.Document
+        out: dict[str, DocRow] = {}
+        for chunk in _chunks(list(paths), 500):
+            for row in self._rows(self._doc_select().where(D.path.in_(chunk))):
+                out[row.path] = row
+        return out
+
+    @_translated
+    def remote_known_ids(self) -> set[str]:
+        D = self.m.Document
+        return {d for (d,) in D.select(D.doc_id).where(D.remote_rev.is_null(False)).tuples()}
+
+    @_translated
+    def batch(
+        self,
+        *,
+        updates: Iterable[tuple[str, dict[str, Any]]] = (),
+        inserts: Iterable[dict[str, Any]] = (),
+        renames: Iterable[tuple[str, str]] = (),
+        deletes: Iterable[str] = (),
+        changes: Iterable[dict[str, Any]] = (),
+        conflicts: Iterable[dict[str, Any]] = (),
+        state: dict[str, Any] | None = None,
+    ) -> None:
+        """Apply a set of document writes, change rows and state in ONE transaction.
+
+        The sync layer decides; this only writes, atomically, so a kill at any
+        point leaves either all of a step or none of it (RELIABILITY A2).
+        ``renames`` give a local document the id the server knows it by.
+        """
+        D, C, K, S = self.m.Document, self.m.Change, self.m.Conflict, self.m.SyncState
+        with self.writing():
+            for old, new in renames:
+                D.update(doc_id=new).where(D.doc_id == old).execute()
+                C.update(doc_id=new).where(C.doc_id == old).execute()
+            for doc_id in deletes:
+                D.delete().where(D.doc_id == doc_id).execute()
+            rows = list(inserts)
+            for chunk in _chunks(rows, 1000):
+                D.insert_many(chunk).execute()
+            for doc_id, values in updates:
+                if values:
+                    D.update(**values).where(D.doc_id == doc_id).execute()
+            change_rows = [{"at": now_ns(), "origin": "remote", **c} for c in changes]
+            for chunk in _chunks(change_rows, 1000):
+                C.insert_many(chunk).execute()
+            for conflict in conflicts:
+                if conflict.get("id"):
+                    values = dict(conflict)
+                    conflict_id = values.pop("id")
+                    K.update(**values).where(K.id == conflict_id).execute()
+                else:
+                    K.insert(created_at=now_ns(), **conflict).execute()
+            if state:
+                S.update(**state).where(S.id == 1).execute()
+
+    @_translated
+    def conflict_for(self, doc_id: str) -> dict[str, Any] | None:
+        K = self.m.Conflict
+        return K.select().where((K.doc_id == doc_id) & K.resolved_at.is_null()).dicts().first()
+
     # ------------------------------------------------------------ raw access for the sync layer
 
     def execute(self, sql: str, params: Iterable[Any] = ()) -> Iterator[tuple]:

@@ -1,0 +1,321 @@
+"""Applying a round's decisions to the files here, then to the journal.
+
+Order of work for each batch (DESIGN §4 rule 3): write temp files and rename
+them into place (fsops checks each target still holds what the journal says,
+so an edit landing mid-apply becomes a conflict, not a loss), fsync every
+touched folder once, then commit the journal rows in one transaction. A kill
+anywhere in between leaves files that the next round recognises: a file
+that already holds the server's bytes is simply adopted.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from syncengine import conflicts as strategies
+from syncengine.blobs import BlobStore
+from syncengine.documents import kind_for
+from syncengine.errors import FileSystemError, SyncEngineError
+from syncengine.fsops import (
+    ChangedUnderfoot,
+    FileStat,
+    delete_safe,
+    failpoint,
+    fsync_dirs,
+    move_safe,
+    read_bytes,
+    set_mode,
+    sha256,
+    write_atomic,
+)
+from syncengine.journal import DocRow, Journal, now_ns
+from syncengine.models import Kind, ScanProblem
+from syncengine.reconcile import Action, ConflictKind, Do, Version
+
+Plan = list[tuple[DocRow, Action]]
+
+
+@dataclass
+class Applied:
+    """What the local side of a round did."""
+
+    downloaded: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    moved: list[tuple[str, str]] = field(default_factory=list)
+    adopted: int = 0
+    resolved: list[dict[str, Any]] = field(default_factory=list)  # conflict rows written
+    copies: list[str] = field(default_factory=list)
+    touched: dict[str, list[str]] = field(default_factory=dict)  # path -> fields (zones)
+    problems: list[ScanProblem] = field(default_factory=list)
+
+
+@dataclass
+class Context:
+    root: Path
+    journal: Journal
+    blobs: BlobStore
+    client_id: str
+    strategy_for: Any  # (path) -> (strategy, field_rules)
+    local_is_newer: Any  # (row) -> bool
+    result: Applied = field(default_factory=Applied)
+    updates: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    changes: list[dict[str, Any]] = field(default_factory=list)
+    conflict_rows: list[dict[str, Any]] = field(default_factory=list)
+    deletes: list[str] = field(default_factory=list)
+    dirty: set[Path] = field(default_factory=set)
+
+
+def exec_mode(mode: int | None, executable: bool) -> int:
+    """A file mode with the executable bits set or cleared as the other side has them."""
+    mode = mode if mode is not None else 0o644
+    if executable:
+        return mode | 0o100 | ((mode & 0o040) >> 2) | ((mode & 0o004) >> 2)
+    return mode & ~0o111
+
+
+def versions(row: DocRow) -> tuple[Version | None, Version | None, Version | None]:
+    """The (base, local, remote) of a journal row, as reconcile sees them."""
+    base = None if row.base_rev is None else Version(row.base_path or row.path or "", row.base_hash,
+                                                     bool((row.base_mode or 0) & 0o100))
+    local = None if row.path is None else Version(row.path, row.hash, bool((row.mode or 0) & 0o100))
+    remote = None if row.remote_rev is None else Version(row.remote_path or "", row.remote_hash,
+                                                         bool((row.remote_mode or 0) & 0o100))
+    return base, local, remote
+
+
+def _local_values(path: str, digest: str, st: FileStat) -> dict[str, Any]:
+    return {"path": path, "hash": digest, "size": st.size, "mtime_ns": st.mtime_ns, "ctime_ns": st.ctime_ns,
+            "inode": st.inode, "mode": st.mode}
+
+
+_NO_LOCAL = {"path": None, "hash": None, "size": None, "mtime_ns": None, "ctime_ns": None, "inode": None,
+             "mode": None}
+
+
+def _base_from_remote(row: DocRow) -> dict[str, Any]:
+    return {"base_path": row.remote_path, "base_rev": row.remote_rev, "base_hash": row.remote_hash,
+            "base_mode": row.remote_mode, "error": None}
+
+
+def _change(row: DocRow, op: str, path: str, old_path: str | None = None, digest: str | None = None,
+            size: int | None = None, origin: str = "remote") -> dict[str, Any]:
+    return {"doc_id": row.doc_id, "path": path, "op": op, "old_path": old_path, "hash": digest, "size": size,
+            "origin": origin, "rev": row.remote_rev}
+
+
+# ---------------------------------------------------------------- the actions
+
+
+def _pull(ctx: Context, row: DocRow) -> None:
+    _base, local, remote = versions(row)
+    assert remote is not None
+    values = _base_from_remote(row)
+    if not remote.present:
+        if local is not None and local.present:
+            delete_safe(ctx.root, local.path, expect_hash=local.hash, dirty_dirs=ctx.dirty)
+            ctx.result.deleted.append(local.path)
+            ctx.changes.append(_change(row, "deleted", local.path))
+        values.update(_NO_LOCAL)
+        ctx.updates.append((row.doc_id, values))
+        return
+    st = _materialise(ctx, row, local, remote.path, remote.hash, remote.executable)
+    values.update(_local_values(remote.path, remote.hash, st))
+    values["local_at"] = now_ns()
+    if row.kind != (kind := _kind_of(ctx, remote.path, remote.hash)):
+        values["kind"] = kind
+    ctx.updates.append((row.doc_id, values))
+
+
+def _materialise(ctx: Context, row: DocRow, local: Version | None, path: str, digest: str,
+                 executable: bool) -> FileStat:
+    """Make ``path`` hold ``digest`` (moving or rewriting the local file); returns its stat."""
+    present = local is not None and local.present
+    if present and local.hash == digest:
+        st = None
+        if local.path != path:
+            st = move_safe(ctx.root, local.path, path, expect_hash=digest)
+            ctx.result.moved.append((local.path, path))
+            ctx.changes.append(_change(row, "moved", path, local.path, digest))
+        if local.executable != executable:
+            set_mode(ctx.root, path, exec_mode(row.mode, executable))
+            st = None
+        if st is None:
+            from syncengine.fsops import lstat
+
+            st = lstat(ctx.root / path)
+            if st is None:
+                raise ChangedUnderfoot("the file vanished", paths=[path])
+        return st
+    same_place = present and local.path == path
+    mode = exec_mode(row.mode if present else None, executable)
+    st = write_atomic(ctx.root, path, ctx.blobs.iter_verified(digest),
+                      expect_hash=local.hash if same_place else None, mode=mode, dirty_dirs=ctx.dirty)
+    failpoint("apply.after_write")
+    if present and not same_place:
+        delete_safe(ctx.root, local.path, expect_hash=local.hash, dirty_dirs=ctx.dirty)
+        ctx.changes.append(_change(row, "moved", path, local.path, digest, st.size))
+        ctx.result.moved.append((local.path, path))
+    else:
+        ctx.changes.append(_change(row, "modified" if present else "created", path, None, digest, st.size))
+    ctx.result.downloaded.append(path)
+    return st
+
+
+def _kind_of(ctx: Context, path: str, digest: str) -> str:
+    head = b""
+    for chunk in ctx.blobs.iter_verified(digest):
+        head = chunk[:8192]
+        break
+    return kind_for(path, head).value
+
+
+def _adopt(ctx: Context, row: DocRow) -> None:
+    values = _base_from_remote(row)
+    if row.hash and Kind(row.kind).mergeable and not ctx.blobs.has(row.hash):
+        # The base of a mergeable document must be in the store before its row commits.
+        digest, _st = ctx.blobs.put_file(ctx.root / row.path)
+        if digest != row.hash:
+            raise ChangedUnderfoot("changed since the scan", paths=[row.path])
+    ctx.updates.append((row.doc_id, values))
+    ctx.result.adopted += 1
+
+
+def _merge(ctx: Context, row: DocRow, action: Action) -> None:
+    _base, local, remote = versions(row)
+    assert local is not None and remote is not None
+    kind = action.conflict
+    if kind is ConflictKind.MODIFIED_DELETED:
+        # Keep the modified file; it goes back to the server on top of the deletion.
+        ctx.updates.append((row.doc_id, _base_from_remote(row)))
+        _record_conflict(ctx, row, kind, "keep-modified", "kept")
+        return
+    if not action.content_conflict:
+        assert action.hash is not None and action.path is not None
+        st = _materialise(ctx, row, local, action.path, action.hash, action.executable)
+        values = _base_from_remote(row)
+        values.update(_local_values(action.path, action.hash, st))
+        ctx.updates.append((row.doc_id, values))
+        return
+    _resolve(ctx, row, action, local, remote)
+
+
+def _resolve(ctx: Context, row: DocRow, action: Action, local: Version, remote: Version) -> None:
+    path = action.path or remote.path
+    strategy, field_rules = ctx.strategy_for(path)
+    open_row = ctx.journal.conflict_for(row.doc_id)
+    data, st = read_bytes(ctx.root / local.path)
+    if sha256(data) != local.hash:
+        raise ChangedUnderfoot("changed since the scan; it will be synced next round", paths=[local.path])
+    ctx.blobs.put_bytes(data)  # the local version stays recoverable whatever wins
+    remote_bytes = ctx.blobs.get(remote.hash)
+    base_bytes = ctx.blobs.get(row.base_hash) if row.base_hash and ctx.blobs.has(row.base_hash) else None
+    outcome = strategies.resolve_content(
+        strategy, Kind(row.kind), base_bytes, data, remote_bytes, field_rules=field_rules,
+        local_is_newer=ctx.local_is_newer(row) if strategy == "newest" else False)
+    kind = action.conflict or ConflictKind.BOTH_MODIFIED
+    if outcome.open:
+        if open_row is None:
+            _record_conflict(ctx, row, kind, strategy, None, details=outcome.details, resolved=False)
+        return
+    copy_path = None
+    if outcome.copy:
+        copy_path = strategies.copy_name(path, ctx.client_id, row.local_at or now_ns(), local.hash)
+        try:
+            write_atomic(ctx.root, copy_path, [data], expect_hash=None, mode=st.mode, dirty_dirs=ctx.dirty)
+        except ChangedUnderfoot:
+            existing, _ = read_bytes(ctx.root / copy_path)
+            if sha256(existing) != local.hash:
+                raise
+        failpoint("apply.after_copy")
+        ctx.result.copies.append(copy_path)
+    if outcome.data is None:  # local wins: keep the file, move it if the path merged elsewhere
+        new_hash = local.hash
+        st = _materialise(ctx, row, local, path, local.hash, action.executable)
+    else:
+        new_hash = ctx.blobs.put_bytes(outcome.data)
+        st = _materialise(ctx, row, local, path, new_hash, action.executable)
+    values = _base_from_remote(row)
+    values.update(_local_values(path, new_hash, st))
+    ctx.updates.append((row.doc_id, values))
+    if outcome.touched:
+        ctx.result.touched[path] = list(outcome.touched)
+    _record_conflict(ctx, row, kind, strategy, outcome.resolution, details=outcome.details or outcome.touched,
+                     copy_path=copy_path, open_id=open_row["id"] if open_row else None)
+
+
+def _record_conflict(ctx: Context, row: DocRow, kind: ConflictKind, strategy: str, resolution: str | None, *,
+                     details=(), copy_path: str | None = None, resolved: bool = True,
+                     open_id: int | None = None) -> None:
+    entry = {"doc_id": row.doc_id, "path": row.remote_path or row.path or row.base_path or "",
+             "kind": kind.value, "local_hash": row.hash, "remote_hash": row.remote_hash,
+             "base_hash": row.base_hash, "remote_rev": row.remote_rev, "strategy": strategy,
+             "details": json.dumps(list(details)) if details else None, "copy_path": copy_path,
+             "resolved_at": now_ns() if resolved else None, "resolution": resolution}
+    if open_id:
+        entry["id"] = open_id
+    ctx.conflict_rows.append(entry)
+    ctx.result.resolved.append(entry)
+
+
+# ---------------------------------------------------------------- the batch
+
+
+def _order(item: tuple[DocRow, Action]) -> int:
+    row, action = item
+    if action.do is Do.PULL and row.remote_hash is None:
+        return 0  # deletions first: they free paths
+    if action.do is Do.PULL and row.path and row.remote_path != row.path:
+        return 1  # then moves
+    return 2
+
+
+def apply_plan(ctx: Context, plan: Plan, flush_every: int = 200) -> Applied:
+    """Run every local-side action; a failing document is reported and left for the next round."""
+    work = [item for item in plan if item[1].do in (Do.PULL, Do.ADOPT, Do.FORGET, Do.MERGE)]
+    blocked: Plan = []
+    for attempt in (0, 1):
+        pending = sorted(work, key=_order) if attempt == 0 else blocked
+        blocked = []
+        for row, action in pending:
+            try:
+                if action.do is Do.PULL:
+                    _pull(ctx, row)
+                    if action.conflict:
+                        _record_conflict(ctx, row, action.conflict, "modification-wins", "remote")
+                elif action.do is Do.ADOPT:
+                    _adopt(ctx, row)
+                elif action.do is Do.FORGET:
+                    ctx.deletes.append(row.doc_id)
+                else:
+                    _merge(ctx, row, action)
+            except ChangedUnderfoot as exc:
+                if attempt == 0 and "appeared" in exc.message:
+                    blocked.append((row, action))  # a path another document frees later in the round
+                else:
+                    _problem(ctx, row, exc)
+            except (FileSystemError, SyncEngineError) as exc:
+                _problem(ctx, row, exc)
+            if len(ctx.updates) >= flush_every:
+                flush(ctx)
+    flush(ctx)
+    return ctx.result
+
+
+def _problem(ctx: Context, row: DocRow, exc: SyncEngineError) -> None:
+    path = row.path or row.remote_path or row.base_path or row.doc_id
+    ctx.result.problems.append(ScanProblem(path, exc.message))
+    ctx.updates.append((row.doc_id, {"error": f"{exc.title}: {exc.message}"[:500]}))
+
+
+def flush(ctx: Context) -> None:
+    """fsync the folders written so far, then commit their journal rows."""
+    if not (ctx.updates or ctx.changes or ctx.conflict_rows or ctx.deletes):
+        return
+    fsync_dirs(ctx.dirty)
+    ctx.dirty.clear()
+    failpoint("apply.before_journal")
+    ctx.journal.batch(updates=ctx.updates, changes=ctx.changes, conflicts=ctx.conflict_rows, deletes=ctx.deletes)
+    ctx.updates, ctx.changes, ctx.conflict_rows, ctx.deletes = [], [], [], []

@@ -1,0 +1,230 @@
+"""One sync round (DESIGN §4): capture, pull, reconcile, apply, push, repeat until settled.
+
+Every step is idempotent and records its progress in the journal before the
+next starts, so a round killed at any point is finished by the next one.
+A round makes a few passes at most: a push refused because the server moved
+on records the winner as the remote state, and the next pass resolves on
+top of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from syncengine import apply as applying
+from syncengine import pull as pulling
+from syncengine import push as pushing
+from syncengine import scanner
+from syncengine.conflicts import check_strategy
+from syncengine.errors import MassDeleteGuard
+from syncengine.journal import DocRow, Journal
+from syncengine.locks import FileLock
+from syncengine.models import PlannedAction, ScanProblem, SyncReport
+from syncengine.reconcile import Action, Do, reconcile
+from syncengine.remote import Remote
+
+if TYPE_CHECKING:
+    from syncengine.engine import Workspace
+
+MAX_PASSES = 5
+Progress = Callable[[str, int, int | None], None]
+
+
+def plan_for(journal: Journal, rows: list[DocRow] | None = None) -> list[tuple[DocRow, Action]]:
+    """reconcile() for every document not in step, skipping open manual conflicts."""
+    rows = journal.unsettled() if rows is None else rows
+    waiting = {c["doc_id"] for c in journal.open_conflicts()}
+    plan = []
+    for row in rows:
+        if row.doc_id in waiting:
+            continue
+        action = reconcile(*applying.versions(row))
+        if action.do is not Do.NOTHING:
+            plan.append((row, action))
+    return plan
+
+
+def check_guard(journal: Journal, plan: list[tuple[DocRow, Action]], *, pct: float, minimum: int) -> str | None:
+    """Why this plan must not run without --force (mass deletion), or None."""
+    push_deletes = sum(1 for row, a in plan if a.do is Do.PUSH and row.path is None and row.base_hash)
+    pull_deletes = sum(1 for row, a in plan if a.do is Do.PULL and row.remote_hash is None and row.path)
+    total = max(journal.count_present() + push_deletes, 1)
+    for count, where in ((push_deletes, "on the server"), (pull_deletes, "here")):
+        if count > minimum and count > total * pct / 100:
+            return (f"this sync would delete {count} of {total} files {where} "
+                    f"({100 * count / total:.0f}%, limit {pct:g}%)")
+    return None
+
+
+def _strategy_lookup(ws: Workspace, override: str | None) -> Callable[[str], tuple[str, dict | None]]:
+    default = check_strategy(override or ws.config.sync.strategy)
+    rules = None
+    with contextlib.suppress(ImportError):
+        from syncengine import rules as rules_mod
+
+        rules = rules_mod.load(ws.root)
+    if rules is None:
+        return lambda path: (default, None)
+
+    def lookup(path: str) -> tuple[str, dict | None]:
+        strategy, fields = rules.for_path(path)
+        return (override or strategy or default), fields
+
+    return lookup
+
+
+def _newer(remote: Remote) -> Callable[[DocRow], bool]:
+    """Is the local change newer? Times are the server's: ours corrected by the measured offset."""
+    offset: list[int] = []
+
+    def local_is_newer(row: DocRow) -> bool:
+        if not offset:
+            before = time.time_ns()
+            server_time = remote.health().time
+            offset.append(server_time - (before + time.time_ns()) // 2)
+        local = (row.local_at or 0) + offset[0]
+        return local > (row.remote_at or 0)
+
+    return local_is_newer
+
+
+def sync_once(
+    ws: Workspace,
+    *,
+    remote: Remote | None = None,
+    strategy: str | None = None,
+    dry_run: bool = False,
+    force: bool = False,
+    max_delete: float | None = None,
+    wait: float | None = None,
+    progress: Progress | None = None,
+) -> SyncReport:
+    started = time.monotonic()
+    cfg = ws.config
+    strategy_for = _strategy_lookup(ws, strategy)
+    pct = cfg.sync.max_delete if max_delete is None else max_delete
+    with FileLock(ws.layout.sync_lock, "sync").acquire(cfg.sync.wait if wait is None else wait):
+        own_remote = remote is None
+        remote = remote or ws.open_remote()
+        try:
+            if dry_run:
+                return _dry_run(ws, remote, pct, started)
+            return _round(ws, remote, strategy_for, pct, force, progress, started)
+        finally:
+            if own_remote:
+                remote.close()
+
+
+def _round(ws: Workspace, remote: Remote, strategy_for, pct: float, force: bool,
+           progress: Progress | None, started: float) -> SyncReport:
+    journal = ws.journal
+    cfg = ws.config
+    client_id = journal.client_id
+    scan = ws.scan()
+    problems: list[ScanProblem] = list(scan.problems)
+    pulled = pulling.pull(journal, remote)
+    pulled.save(journal)
+    problems += pulled.problems
+    ctx = applying.Context(ws.root, journal, ws.blobs, client_id, strategy_for, _newer(remote))
+    pushed_paths: list[str] = []
+    uploaded = 0
+    passes = 0
+    entries = pulled.entries
+    for passes in range(1, MAX_PASSES + 1):
+        plan = plan_for(journal)
+        if passes == 1:
+            reason = check_guard(journal, plan, pct=pct, minimum=cfg.sync.max_delete_min)
+            if reason and not force:
+                journal.update_state(guard=reason)
+                raise MassDeleteGuard(reason, hint="check the files, then run `syncengine sync --force`")
+            journal.update_state(guard=None)
+        _fetch_blobs(ws, remote, plan, progress)
+        applying.apply_plan(ctx, plan)
+        if ctx.result.copies:
+            ws.scan()  # journal the conflict copies so they are pushed like any file
+        to_push = [row for row, action in plan_for(journal) if action.do is Do.PUSH]
+        if progress:
+            progress("push", 0, len(to_push))
+        result = pushing.push(ws.root, journal, ws.blobs, remote, to_push, client_id=client_id,
+                              batch=cfg.sync.batch, progress=(lambda n, t: progress("push", n, t)) if progress else None)
+        pushed_paths += result.committed
+        uploaded += result.uploaded
+        problems += result.problems
+        if not result.conflicts and not result.moved_aside:
+            break
+        again = pulling.pull(journal, remote)
+        again.save(journal)
+        entries += again.entries
+    journal.update_state(last_sync_at=time.time_ns(), last_sync_ok=True, last_error=None, unreachable_since=None)
+    applied = ctx.result
+    problems += applied.problems
+    return SyncReport(
+        server=remote_url(ws), workspace=ws.config.server.workspace, dry_run=False, pulled=entries,
+        full_listing=pulled.full, downloaded=tuple(applied.downloaded), deleted=tuple(applied.deleted),
+        moved=tuple(applied.moved), pushed=tuple(pushed_paths), uploaded=uploaded,
+        conflicts=tuple(ws.conflict_infos(applied.resolved)), open_conflicts=len(journal.open_conflicts()),
+        copies=tuple(applied.copies), problems=tuple(problems), scan=scan, passes=passes,
+        seconds=round(time.monotonic() - started, 3))
+
+
+def remote_url(ws: Workspace) -> str:
+    return os.environ.get("SYNCENGINE_SERVER") or ws.config.server.url
+
+
+def _fetch_blobs(ws: Workspace, remote: Remote, plan: list[tuple[DocRow, Action]], progress: Progress | None) -> None:
+    """Download, verify and store every remote version this pass needs, in packs."""
+    wanted: list[str] = []
+    for row, action in plan:
+        digest = row.remote_hash
+        if not digest or ws.blobs.has(digest):
+            continue
+        if (action.do is Do.PULL and digest != row.hash) or (action.do is Do.MERGE and (action.content_conflict or action.hash == digest) and digest != row.hash):
+            wanted.append(digest)
+    wanted = list(dict.fromkeys(wanted))
+    if not wanted:
+        return
+    if progress:
+        progress("download", 0, len(wanted))
+    for done, blob in enumerate(remote.fetch(wanted), 1):
+        if blob.ok:
+            ws.blobs.put_stream(blob.chunks(), expect=blob.hash)
+        if progress:
+            progress("download", done, len(wanted))
+
+
+def _dry_run(ws: Workspace, remote: Remote, pct: float, started: float) -> SyncReport:
+    """Plan on a throwaway copy of the journal: the workspace is not written at all."""
+    with tempfile.TemporaryDirectory(prefix="syncengine-dry-") as tmp:
+        copy = Path(tmp) / "journal.db"
+        source = sqlite3.connect(ws.layout.journal)
+        try:
+            source.execute("VACUUM INTO ?", (str(copy),))
+        finally:
+            source.close()
+        journal = Journal.open(copy)
+        try:
+            changes, restamps, scan = scanner.detect(ws.root, journal, ws.ignore)
+            journal.record_local(changes, restamps)
+            pulled = pulling.pull(journal, remote)
+            pulled.save(journal)
+            plan = plan_for(journal)
+            reason = check_guard(journal, plan, pct=pct, minimum=ws.config.sync.max_delete_min)
+            planned = tuple(
+                PlannedAction(row.path or row.remote_path or row.base_path or row.doc_id, action.do.value,
+                              action.rule, action.conflict.value if action.conflict else None)
+                for row, action in plan)
+            problems = list(scan.problems) + pulled.problems
+            if reason:
+                problems.append(ScanProblem(".", f"safety guard: {reason} (needs --force)"))
+        finally:
+            journal.close()
+    return SyncReport(server=remote_url(ws), workspace=ws.config.server.workspace, dry_run=True,
+                      pulled=pulled.entries, full_listing=pulled.full, plan=planned, problems=tuple(problems),
+                      scan=scan, seconds=round(time.monotonic() - started, 3))
