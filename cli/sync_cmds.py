@@ -15,7 +15,8 @@ from syncengine.models import SyncReport
 
 
 @cli.command()
-@click.option("--strategy", type=click.Choice(STRATEGIES), help="Conflict strategy for this run (overrides .syncrules).")
+@click.option("--strategy", type=click.Choice(STRATEGIES),
+              help="Conflict strategy for this run (overrides .syncrules).")
 @click.option("--dry-run", is_flag=True, help="Show the plan; write nothing.")
 @click.option("--max-delete", type=click.FloatRange(0, 100), metavar="PCT",
               help="Stop if a round would delete more than PCT% of the files (default 50).")

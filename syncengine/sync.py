@@ -152,8 +152,9 @@ def _round(ws: Workspace, remote: Remote, strategy_for, pct: float, force: bool,
         to_push = [row for row, action in plan_for(journal) if action.do is Do.PUSH]
         if progress:
             progress("push", 0, len(to_push))
+        push_progress = (lambda n, t: progress("push", n, t)) if progress else None
         result = pushing.push(ws.root, journal, ws.blobs, remote, to_push, client_id=client_id,
-                              batch=cfg.sync.batch, progress=(lambda n, t: progress("push", n, t)) if progress else None)
+                              batch=cfg.sync.batch, progress=push_progress)
         pushed_paths += result.committed
         uploaded += result.uploaded
         problems += result.problems
@@ -185,7 +186,9 @@ def _fetch_blobs(ws: Workspace, remote: Remote, plan: list[tuple[DocRow, Action]
         digest = row.remote_hash
         if not digest or ws.blobs.has(digest):
             continue
-        if (action.do is Do.PULL and digest != row.hash) or (action.do is Do.MERGE and (action.content_conflict or action.hash == digest) and digest != row.hash):
+        needs_remote_bytes = action.do is Do.PULL or (
+            action.do is Do.MERGE and (action.content_conflict or action.hash == digest))
+        if needs_remote_bytes and digest != row.hash:
             wanted.append(digest)
     wanted = list(dict.fromkeys(wanted))
     if not wanted:
