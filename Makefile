@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python bench/../demo/demo.py
+	bash demo/demo.sh
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not soak" $(PYTEST_ARGS)

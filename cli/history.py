@@ -152,3 +152,16 @@ def _render_restore(out: Console, r: RestoreReport) -> None:
         out.print(f"  removed  {p}")
     if r.safety_snapshot_id:
         out.print(f"Undo with `syncengine restore {r.safety_snapshot_id}`.")
+
+
+@cli.command()
+@click.option("--keep", metavar="DURATION", help="Keep snapshots younger than this (30d, 12h; default: config).")
+@json_option
+@click.pass_obj
+def gc(ctx: Context, keep: str | None, as_json: bool) -> None:
+    """Prune old snapshots (folded, never breaking the rest) and unreferenced blobs."""
+    with open_workspace(ctx) as ws:
+        report = ws.gc(keep)
+    emit(report, as_json, lambda out, r: out.print(
+        f"Dropped {r.snapshots_dropped} snapshot(s), kept {r.snapshots_kept}; "
+        f"deleted {r.blobs_deleted} blob(s), freed {human_size(r.bytes_freed)}."))

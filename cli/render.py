@@ -16,7 +16,10 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print one JS
 
 
 def console() -> Console:
-    return Console(highlight=False, soft_wrap=True)
+    # Piped output (scripts, CI logs) gets a wide fixed width, so tables stay
+    # one row per line instead of wrapping at 80 columns.
+    width = None if sys.stdout.isatty() else 200
+    return Console(highlight=False, soft_wrap=True, width=width)
 
 
 def emit(result: Any, as_json: bool, human: Callable[[Console, Any], None]) -> None:

@@ -309,6 +309,17 @@ class Workspace:
         snapshot_id = history.resolve_snapshot(self.journal, since) if since is not None else None
         return diffs.diff_workspace(self.root, self.journal, self.blobs, path or None, snapshot_id)
 
+    def gc(self, keep: str | None = None):
+        """Prune snapshots older than ``keep`` (default: config) and unreferenced blobs."""
+        from syncengine import gc as collector
+        from syncengine.config import parse_duration
+
+        seconds = parse_duration(keep or self.config.history.keep)
+        with FileLock(self.layout.sync_lock, "sync").acquire(self.config.sync.wait), \
+                self.scan_lock.acquire(timeout=self.config.sync.wait):
+            return collector.collect(self.journal, self.blobs, keep_seconds=seconds,
+                                     keep_last=self.config.history.keep_last)
+
     # ------------------------------------------------------------ repair
 
     @classmethod

@@ -385,6 +385,39 @@ class Journal:
         E = self.m.SnapshotEntry
         return {h for (h,) in E.select(E.hash).where(E.hash.is_null(False)).distinct().tuples()}
 
+    @_translated
+    def fold_snapshots(self, oldest_kept: int) -> int:
+        """Drop every snapshot older than ``oldest_kept``, folding them into it.
+
+        Snapshots store deltas, so the oldest kept one is rewritten to hold
+        its full materialised state first — every remaining snapshot still
+        restores exactly. Returns how many snapshots were dropped.
+        """
+        S, E = self.m.Snapshot, self.m.SnapshotEntry
+        with self.writing():
+            dropped = S.select().where(S.id < oldest_kept).count()
+            if not dropped:
+                return 0
+            full = self.snapshot_manifest(oldest_kept)
+            E.delete().where(E.snapshot_id <= oldest_kept).execute()
+            rows = [{"snapshot_id": oldest_kept, "path": p, "hash": h, "mode": m, "size": z}
+                    for p, (h, m, z) in full.items()]
+            for chunk in _chunks(rows, 5000):
+                E.insert_many(chunk).execute()
+            S.delete().where(S.id < oldest_kept).execute()
+        return dropped
+
+    @_translated
+    def referenced_hashes(self) -> set[str]:
+        """Every blob the journal may still need: snapshots, bases, conflicts, current and remote versions."""
+        hashes = self.snapshot_hashes()
+        D, K = self.m.Document, self.m.Conflict
+        for column in (D.base_hash, D.hash, D.remote_hash):
+            hashes |= {h for (h,) in D.select(column).where(column.is_null(False)).tuples()}
+        for column in (K.local_hash, K.remote_hash, K.base_hash):
+            hashes |= {h for (h,) in K.select(column).where(column.is_null(False)).tuples()}
+        return hashes
+
     # ------------------------------------------------------------ conflicts
 
     @_translated
