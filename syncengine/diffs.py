@@ -88,7 +88,7 @@ def _compare(
         found, unified, note = documents.describe_diff(path, kind, old, new)
         fields = tuple(found)
     return DocDiff(path=path, status=status, kind=kind, against=against,
-                   old_path=old_path if old_path != new_path else None,
+                   old_path=old_path if status == "moved" else None,
                    fields=fields, unified=unified, old_size=old_size, new_size=new_size,
                    old_hash=old_hash, new_hash=new_hash, note=note)
 
@@ -119,17 +119,25 @@ def diff_workspace(
 
     snaps = journal.snapshots(limit=1)
     last = journal.snapshot_manifest(snaps[0][0]) if snaps else {}
-    for doc in journal.documents():
-        if not (_selected(doc.path, prefix) or _selected(doc.base_path, prefix)):
+    docs = journal.documents()
+    # Documents deleted before any sync have no path and no base: their last
+    # path comes from the journal, to compare them with the snapshot.
+    gone_paths = journal.last_paths(d.doc_id for d in docs if not d.present and not d.has_base) if snaps else {}
+    present = {d.path for d in docs if d.present}
+    for doc in docs:
+        ref_path = doc.path or gone_paths.get(doc.doc_id)
+        if not doc.present and not doc.has_base and ref_path in present:
+            continue  # the path holds another document now; that one is compared instead
+        if not (_selected(ref_path, prefix) or _selected(doc.base_path, prefix)):
             continue
         if doc.has_base:
             against = "base"
             old_path, old_hash = doc.base_path, doc.base_hash
             old_size = None
-        elif snaps and (doc.path in last):
+        elif snaps and ref_path in last:
             against = f"snapshot {snaps[0][0]}"
-            old_path = doc.path
-            old_hash, _mode, old_size = last[doc.path]
+            old_path = ref_path
+            old_hash, _mode, old_size = last[ref_path]
         else:
             against = "nothing"
             old_path = old_hash = old_size = None
@@ -139,14 +147,4 @@ def diff_workspace(
                         doc.path if doc.present else None, doc.hash, doc.size)
         if item:
             out.append(item)
-    if snaps:
-        # Files snapshotted but since deleted before any sync: gone from the journal's
-        # present set, but still worth showing as removed.
-        present = {d.path for d in journal.documents() if d.present}
-        known = {d.base_path for d in journal.documents() if d.has_base}
-        for path, (digest, _m, size) in sorted(last.items()):
-            if path in present or path in known or not _selected(path, prefix):
-                continue
-            out.append(DocDiff(path=path, status="removed", kind=documents.kind_for(path),
-                               against=f"snapshot {snaps[0][0]}", old_hash=digest, old_size=size))
     return sorted(out, key=lambda d: d.path)

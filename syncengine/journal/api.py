@@ -316,6 +316,18 @@ class Journal:
         return list(query.tuples())
 
     @_translated
+    def last_paths(self, doc_ids: Iterable[str]) -> dict[str, str]:
+        """The path each document had at its latest journaled change (for absent ones)."""
+        C = self.m.Change
+        out: dict[str, str] = {}
+        for chunk in _chunks(list(doc_ids), 500):
+            latest = (C.select(C.doc_id, pw.fn.MAX(C.seq).alias("seq")).where(C.doc_id.in_(chunk))
+                      .group_by(C.doc_id).alias("latest"))
+            query = C.select(C.doc_id, C.path).join(latest, on=(C.seq == latest.c.seq))
+            out.update(dict(query.tuples()))
+        return out
+
+    @_translated
     def last_change_seq(self) -> int:
         C = self.m.Change
         return C.select(pw.fn.MAX(C.seq)).scalar() or 0
