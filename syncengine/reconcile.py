@@ -94,51 +94,67 @@ _CONFLICT = object()
 
 
 def reconcile(base: Version | None, local: Version | None, remote: Version | None) -> Action:
-    """Decide what one sync round does with one document."""
-    local_present = local is not None and local.present
-    remote_known = remote is not None
-    remote_present = remote is not None and remote.present
-
+    """Decide what one sync round does with one document (docs/sync-rules.md, row by row)."""
     if base is None:
-        if not local_present and not remote_present:
-            return Action(Do.NOTHING, rule="no base, absent on both sides")
-        if local_present and not remote_present:
-            return Action(Do.PUSH, rule="no base, only here: create on the server")
-        if remote_present and not local_present:
-            return Action(Do.PULL, rule="no base, only on the server: download")
-        if _same(local, remote):
-            return Action(Do.ADOPT, rule="no base, identical on both sides")
-        return _merge(None, local, remote, ConflictKind.BOTH_CREATED, "no base, different on both sides")
-
+        return _no_base(local, remote)
+    tag = "B" if base.present else "D"  # rule ids of docs/sync-rules.md: base present, or agreed deleted
+    local_present = local is not None and local.present
     local_changed = not _same(local, base)
-    if not remote_known:
+    if remote is None:
         # The server does not know a document we synced: it was reset or
         # restored from a backup. Re-upload; never read it as a deletion.
         if local_present:
-            return Action(Do.PUSH, rule="the server lost it: upload again")
-        return Action(Do.FORGET, rule="gone here, unknown to the server")
+            return Action(Do.PUSH, rule=f"{tag}1 the server lost it: upload again")
+        return Action(Do.FORGET, rule=f"{tag}2 gone here, unknown to the server")
 
     remote_changed = not _same(remote, base)
     if not local_changed and not remote_changed:
-        return Action(Do.NOTHING, rule="unchanged on both sides")
+        return Action(Do.NOTHING, rule=f"{tag}3 unchanged on both sides")
     if local_changed and not remote_changed:
-        return Action(Do.PUSH, rule="changed here only")
+        return Action(Do.PUSH, rule=f"{tag}4 changed here only")
     if remote_changed and not local_changed:
-        return Action(Do.PULL, rule="changed on the server only")
+        return Action(Do.PULL, rule=f"{tag}5 changed on the server only")
     if _same(local, remote):
-        return Action(Do.ADOPT, rule="the same change on both sides")
+        return Action(Do.ADOPT, rule=f"{tag}6 the same change on both sides")
     if not local_present:
         # A modification never loses to a deletion: the server's version comes back.
-        return Action(Do.PULL, ConflictKind.DELETED_MODIFIED, rule="deleted here, changed on the server")
-    if not remote_present:
-        assert local is not None
+        return Action(Do.PULL, ConflictKind.DELETED_MODIFIED, rule="B7 deleted here, changed on the server")
+    assert local is not None
+    if not remote.present:
         return Action(Do.MERGE, ConflictKind.MODIFIED_DELETED, path=local.path, hash=local.hash,
-                      executable=local.executable, rule="changed here, deleted on the server: keep it")
-    return _merge(base if base.present else None, local, remote, None, "changed on both sides")
+                      executable=local.executable, rule="B8 changed here, deleted on the server: keep it")
+    if not base.present:
+        # Agreed deleted, then created again on both sides: no common ancestor.
+        return _merge(None, local, remote, ConflictKind.BOTH_CREATED, "D7 re-created differently on both sides")
+    return _merge(base, local, remote, None, "B9 changed on both sides")
+
+
+def _no_base(local: Version | None, remote: Version | None) -> Action:
+    """Never synced, or the journal was lost: an absence is ambiguous, so nothing is deleted."""
+    local_present = local is not None and local.present
+    remote_present = remote is not None and remote.present
+    if not local_present:
+        if remote_present:
+            return Action(Do.PULL, rule="N3 no base, only on the server: download")
+        if remote is not None:
+            return Action(Do.ADOPT, rule="N2 no base, absent here, deleted on the server: agreed absent")
+        return Action(Do.NOTHING, rule="N1 no base, absent on both sides")
+    assert local is not None
+    if remote is None:
+        return Action(Do.PUSH, rule="N4 no base, only here: create on the server")
+    if not remote_present:
+        # Without a base we cannot tell "deleted there after we had it" from
+        # "created here": keep the file and push it back on top of the deletion.
+        return Action(Do.MERGE, ConflictKind.MODIFIED_DELETED, path=local.path, hash=local.hash,
+                      executable=local.executable, rule="N5 no base, here but deleted on the server: keep it")
+    if _same(local, remote):
+        return Action(Do.ADOPT, rule="N6 no base, identical on both sides")
+    return _merge(None, local, remote, ConflictKind.BOTH_CREATED, "N7 no base, different on both sides")
 
 
 def _merge(base: Version | None, local: Version, remote: Version, kind: ConflictKind | None,
            rule: str) -> Action:
+    """Merge path, content and executable bit separately; only content can truly conflict."""
     b_path = base.path if base else None
     b_hash = base.hash if base else None
     b_exec = base.executable if base else None
