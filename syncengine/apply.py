@@ -10,6 +10,7 @@ that already holds the server's bytes is simply adopted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,17 +23,21 @@ from syncengine.errors import FileSystemError, SyncEngineError
 from syncengine.fsops import (
     ChangedUnderfoot,
     FileStat,
+    clean_temp_files,
     delete_safe,
     failpoint,
     fsync_dirs,
+    lstat,
     move_safe,
     read_bytes,
+    recover_trash,
     set_mode,
     sha256,
     write_atomic,
 )
 from syncengine.journal import DocRow, Journal, now_ns
 from syncengine.models import Kind, ScanProblem
+from syncengine.paths import STATE_DIR
 from syncengine.reconcile import Action, ConflictKind, Do, Version
 
 Plan = list[tuple[DocRow, Action]]
@@ -49,7 +54,12 @@ class Applied:
     resolved: list[dict[str, Any]] = field(default_factory=list)  # conflict rows written
     copies: list[str] = field(default_factory=list)
     touched: dict[str, list[str]] = field(default_factory=dict)  # path -> fields (zones)
-    problems: list[ScanProblem] = field(default_factory=list)
+    failed: dict[str, ScanProblem] = field(default_factory=dict)  # doc_id -> why it was not applied
+    underfoot: list[str] = field(default_factory=list)  # doc_ids whose file changed during the apply
+
+    @property
+    def problems(self) -> list[ScanProblem]:
+        return list(self.failed.values())
 
 
 @dataclass
@@ -124,51 +134,58 @@ def _pull(ctx: Context, row: DocRow) -> None:
     st = _materialise(ctx, row, local, remote.path, remote.hash, remote.executable)
     values.update(_local_values(remote.path, remote.hash, st))
     values["local_at"] = now_ns()
-    if row.kind != (kind := _kind_of(ctx, remote.path, remote.hash)):
+    if row.kind != (kind := _kind_of(ctx, remote.path)):
         values["kind"] = kind
     ctx.updates.append((row.doc_id, values))
 
 
 def _materialise(ctx: Context, row: DocRow, local: Version | None, path: str, digest: str,
                  executable: bool) -> FileStat:
-    """Make ``path`` hold ``digest`` (moving or rewriting the local file); returns its stat."""
+    """Make ``path`` hold ``digest`` (moving and/or rewriting the local file); returns its stat.
+
+    A move travels first, as a rename of the file we have, and new bytes are
+    written over it afterwards. A kill in between leaves the old bytes at the
+    new path, which the next scan reads as the same document moved (its
+    inode did not change) — never as a second document created there.
+    """
     present = local is not None and local.present
+    moved_from = None
+    if present and local.path != path:
+        move_safe(ctx.root, local.path, path, expect_hash=local.hash)
+        failpoint("apply.after_move")
+        ctx.result.moved.append((local.path, path))
+        moved_from = local.path
+        local = Version(path, local.hash, local.executable)
     if present and local.hash == digest:
-        st = None
-        if local.path != path:
-            st = move_safe(ctx.root, local.path, path, expect_hash=digest)
-            ctx.result.moved.append((local.path, path))
-            ctx.changes.append(_change(row, "moved", path, local.path, digest))
         if local.executable != executable:
             set_mode(ctx.root, path, exec_mode(row.mode, executable))
-            st = None
+        st = lstat(ctx.root / path)
         if st is None:
-            from syncengine.fsops import lstat
-
-            st = lstat(ctx.root / path)
-            if st is None:
-                raise ChangedUnderfoot("the file vanished", paths=[path])
+            raise ChangedUnderfoot("the file vanished", paths=[path])
+        if moved_from:
+            ctx.changes.append(_change(row, "moved", path, moved_from, digest, st.size))
         return st
-    same_place = present and local.path == path
     mode = exec_mode(row.mode if present else None, executable)
     st = write_atomic(ctx.root, path, ctx.blobs.iter_verified(digest),
-                      expect_hash=local.hash if same_place else None, mode=mode, dirty_dirs=ctx.dirty)
+                      expect_hash=local.hash if present else None, mode=mode, dirty_dirs=ctx.dirty)
     failpoint("apply.after_write")
-    if present and not same_place:
-        delete_safe(ctx.root, local.path, expect_hash=local.hash, dirty_dirs=ctx.dirty)
-        ctx.changes.append(_change(row, "moved", path, local.path, digest, st.size))
-        ctx.result.moved.append((local.path, path))
-    else:
-        ctx.changes.append(_change(row, "modified" if present else "created", path, None, digest, st.size))
+    op = "moved" if moved_from else "modified" if present else "created"
+    ctx.changes.append(_change(row, op, path, moved_from, digest, st.size))
     ctx.result.downloaded.append(path)
     return st
 
 
-def _kind_of(ctx: Context, path: str, digest: str) -> str:
-    head = b""
-    for chunk in ctx.blobs.iter_verified(digest):
-        head = chunk[:8192]
-        break
+def _kind_of(ctx: Context, path: str) -> str:
+    """The document kind of the file just put in place.
+
+    Its head is read from the file, not the blob store: a binary keeps no
+    local blob, and a rename or chmod of one downloads nothing.
+    """
+    try:
+        with open(ctx.root / path, "rb") as fh:
+            head = fh.read(8192)
+    except OSError:
+        head = b""
     return kind_for(path, head).value
 
 
@@ -273,8 +290,16 @@ def _order(item: tuple[DocRow, Action]) -> int:
 
 
 def apply_plan(ctx: Context, plan: Plan, flush_every: int = 200) -> Applied:
-    """Run every local-side action; a failing document is reported and left for the next round."""
+    """Run every local-side action; a failing document is reported and left for the next pass or round.
+
+    Documents whose file changed under us (an edit landing mid-apply, C8)
+    are listed in ``result.underfoot``: the round rescans them and decides
+    again, so the edit becomes a conflict in the same round, never a loss.
+    """
     work = [item for item in plan if item[1].do in (Do.PULL, Do.ADOPT, Do.FORGET, Do.MERGE)]
+    if not work:
+        return ctx.result
+    begin_apply(ctx.root)
     blocked: Plan = []
     for attempt in (0, 1):
         pending = sorted(work, key=_order) if attempt == 0 else blocked
@@ -291,23 +316,62 @@ def apply_plan(ctx: Context, plan: Plan, flush_every: int = 200) -> Applied:
                     ctx.deletes.append(row.doc_id)
                 else:
                     _merge(ctx, row, action)
+                ctx.result.failed.pop(row.doc_id, None)
             except ChangedUnderfoot as exc:
-                if attempt == 0 and "appeared" in exc.message:
+                if attempt == 0 and _path_taken(exc):
                     blocked.append((row, action))  # a path another document frees later in the round
                 else:
                     _problem(ctx, row, exc)
+                    ctx.result.underfoot.append(row.doc_id)
             except (FileSystemError, SyncEngineError) as exc:
                 _problem(ctx, row, exc)
             if len(ctx.updates) >= flush_every:
                 flush(ctx)
     flush(ctx)
+    end_apply(ctx.root)
     return ctx.result
+
+
+def _path_taken(exc: ChangedUnderfoot) -> bool:
+    return "appeared" in exc.message or "is taken" in exc.message
 
 
 def _problem(ctx: Context, row: DocRow, exc: SyncEngineError) -> None:
     path = row.path or row.remote_path or row.base_path or row.doc_id
-    ctx.result.problems.append(ScanProblem(path, exc.message))
+    ctx.result.failed[row.doc_id] = ScanProblem(path, exc.message)
     ctx.updates.append((row.doc_id, {"error": f"{exc.title}: {exc.message}"[:500]}))
+
+
+# ---------------------------------------------------------------- crash leftovers
+
+
+def _marker(root: Path) -> Path:
+    return root / STATE_DIR / "applying"
+
+
+def begin_apply(root: Path) -> None:
+    """Note that files are about to be written, so a kill leaves a trace to clean up after."""
+    marker = _marker(root)
+    if not marker.exists():
+        marker.write_bytes(b"")
+
+
+def end_apply(root: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        _marker(root).unlink()
+
+
+def recover(root: Path) -> None:
+    """Finish what a killed apply left: put set-aside files back, remove its temp files.
+
+    Runs at the start of every round, under the sync lock, so no apply of
+    another process is in flight. Only a round that was killed mid-apply
+    pays for the walk that finds its temp files.
+    """
+    recover_trash(root)
+    if _marker(root).exists():
+        clean_temp_files(root)
+        end_apply(root)
 
 
 def flush(ctx: Context) -> None:

@@ -94,10 +94,28 @@ class Workspace:
         if self._journal is None:
             if not self.root.is_dir():
                 raise workspace.NotAWorkspace(f"{self.root} is gone")
-            recover_trash(self.root)
+            self._recover()
             self._journal = Journal.open(self.layout.journal)
             self._check_identity(self._journal)
         return self._journal
+
+    def _recover(self) -> None:
+        """Put back files a killed apply set aside — only while no sync runs.
+
+        A sync mid-apply has files in the trash on purpose; putting one back
+        under its feet would resurrect a file it is deleting.
+        """
+        from syncengine.errors import BusyError
+
+        lock = FileLock(self.layout.sync_lock, "sync")
+        try:
+            lock.acquire(timeout=0)
+        except (BusyError, OSError):
+            return
+        try:
+            recover_trash(self.root)
+        finally:
+            lock.release()
 
     @property
     def events(self) -> EventLog:
@@ -176,8 +194,17 @@ class Workspace:
             last_snapshot=history.snapshot_info(snaps[0]) if snaps else None,
             sync=self._sync_info(),
             scan=report,
-            errors=report.problems,
+            errors=report.problems + self._document_errors(),
         )
+
+    def _document_errors(self) -> tuple:
+        """Documents the last sync could not apply or push, with why (they stay pending)."""
+        from syncengine.models import ScanProblem
+
+        rows = self.journal.execute(
+            "SELECT COALESCE(path, remote_path, base_path, doc_id), error FROM document "
+            "WHERE error IS NOT NULL ORDER BY 1")
+        return tuple(ScanProblem(path, error) for path, error in rows)
 
     def _pending(self) -> list[PendingItem]:
         """Documents whose local state differs from the last synced base."""
@@ -211,8 +238,35 @@ class Workspace:
         )
 
     def conflicts(self) -> list[ConflictInfo]:
-        """Open conflicts (manual ones waiting for `resolve`)."""
+        """Open conflicts (manual ones waiting for `resolve`), with the fields or lines involved."""
         return self.conflict_infos(self.journal.open_conflicts())
+
+    def resolve(self, path: str, take: str | None = None) -> ConflictInfo:
+        """Settle the open conflict at ``path`` (workspace-relative); the next sync pushes the choice.
+
+        ``take`` is ``local``, ``remote``, ``merged``, or None for the file as
+        it is now (edited by hand). See :mod:`syncengine.resolution`.
+        """
+        from syncengine import resolution
+
+        return resolution.resolve(self, path, take)
+
+    def publish_zones(self, touched: dict[str, list[str]], origin: str) -> None:
+        """Tell the ``zones`` channel which fields of which documents changed (docs/conflicts.md).
+
+        Best effort: events are hints, so a busy or damaged events.db never
+        fails the sync or resolution that already committed.
+        """
+        if not touched:
+            return
+        from syncengine.conflicts import zone_event
+        from syncengine.errors import SyncEngineError
+
+        docs = self.journal.docs_by_local_paths(touched)
+        events = [zone_event(path, docs[path].doc_id, fields, origin)
+                  for path, fields in touched.items() if path in docs]
+        with contextlib.suppress(SyncEngineError):
+            self.events.publish("zones", events)
 
     # ------------------------------------------------------------ sync
 

@@ -8,9 +8,12 @@ the feed.
 
 A feed entry whose rev is not newer than the remote rev we hold is an echo
 of our own push (or a replay) and is ignored — judged by rev, never by
-client id. A checkpoint from another server (a reset or restored server), or
-one below the server's ``min_seq``, means "list everything and reconcile":
-documents the server no longer lists become *unknown*, never deleted.
+client id. A checkpoint from another server (a reset server) or from the
+server's future (one restored from a backup) means "list everything and
+reconcile without bases": nothing is deleted on that basis, differences
+become conflicts. One below the server's ``min_seq`` lists everything too,
+keeping the bases: documents the server no longer lists become *unknown*,
+never deleted.
 """
 
 from __future__ import annotations
@@ -64,7 +67,12 @@ def pull(journal: Journal, remote: Remote, *, page_size: int = p.DEFAULT_PAGE) -
     known_server = state["server_id"]
     if known_server is None or page.server_id != known_server or since > page.last_seq \
             or since < page.min_seq - 1:
-        return _from_listing(journal, remote, page_size, new_server=known_server not in (None, page.server_id))
+        # Another server, or this one restored from a backup (our checkpoint
+        # is from its future, so the revs we hold may be reused for other
+        # content): our bases mean nothing there. Below min_seq the revs still
+        # hold; only the feed we missed is gone.
+        restored = known_server is not None and (page.server_id != known_server or since > page.last_seq)
+        return _from_listing(journal, remote, page_size, new_server=restored)
     latest: dict[str, p.Change] = {}
     result = PullResult()
     checkpoint = since

@@ -37,7 +37,6 @@ class Pushed:
     conflicts: int = 0
     moved_aside: list[tuple[str, str]] = field(default_factory=list)
     problems: list[ScanProblem] = field(default_factory=list)
-    requests: int = 0
 
 
 def commit_item(row: DocRow, client_id: str) -> p.CommitItem:
@@ -89,20 +88,20 @@ def push(
             except (ChangedUnderfoot, FileSystemError, OSError) as exc:
                 result.problems.append(ScanProblem(row.path or "?", getattr(exc, "message", str(exc))))
         if sources:
-            missing = set(remote.missing(list(sources)))
-            result.requests += 1
-            if missing:
-                report = remote.upload([sources[h] for h in missing])
-                result.requests += 1
-                result.uploaded += len(report.uploaded)
-                for failure in report.failed:
-                    result.problems.append(ScanProblem(failure.hash[:12], f"upload failed: {failure.reason}"))
+            # upload() asks the server which blobs it lacks and sends only those, in packs.
+            report = remote.upload(list(sources.values()))
+            result.uploaded += len(report.uploaded)
+            failed = {failure.hash for failure in report.failed}
+            for failure in report.failed:
+                result.problems.append(ScanProblem(failure.hash[:12], f"upload failed: {failure.reason}"))
+            ready = [row for row in ready if row.hash not in failed or row.path is None]
+            failpoint("push.after_upload")
         failpoint("push.before_commit")
         items = [commit_item(row, client_id) for row in ready]
         answers = remote.commit(items) if items else []
-        result.requests += 1
         failpoint("push.after_commit")
         _record(root, journal, ready, items, answers, result, client_id)
+        failpoint("push.after_record")
         if progress:
             progress(min(start + batch, len(rows)), len(rows))
     return result

@@ -455,10 +455,14 @@ class HttpRemote(Remote):
                         verify=self._verify,
                     )
                 except requests.exceptions.SSLError as exc:
+                    reason = _tls_reason(exc)
+                    unknown_ca = "issuer" in reason or "self-signed" in reason or "self signed" in reason
                     raise ServerUnreachable(
-                        f"TLS verification of {self.host} failed ({_clean(exc)})",
+                        f"TLS verification of {self.host} failed: {reason}",
                         title="TLS error",
-                        hint="set ca_file in config.toml to trust a private CA",
+                        hint="set ca_file in config.toml to trust a private CA"
+                        if unknown_ca
+                        else "check the server's certificate (expiry, host name) and the server URL",
                     ) from None
                 except requests.exceptions.Timeout:
                     raise _Retry(
@@ -843,6 +847,17 @@ def _parsed(parse: Callable[[Any], T], data: Any) -> T:
         raise BadServerAnswer(f"the server's answer breaks the protocol: {exc}") from None
     except UnsafePath as exc:
         raise BadServerAnswer(f"the server's answer names an unsafe path: {exc.message}") from None
+
+
+def _tls_reason(exc: BaseException) -> str:
+    """Why a TLS handshake failed (expired, wrong host, unknown issuer), without the URL noise."""
+    text = str(exc)
+    match = (
+        re.search(r"certificate verify failed: (.+?)\s*\(_ssl\.c", text)
+        or re.search(r"certificate verify failed: ([^'\"()]+)", text)
+        or re.search(r"\[SSL: [A-Z_]+\] ([^'\"()]+)", text)
+    )
+    return _clean(match.group(1).strip().rstrip(".")) if match else _clean(_short(exc))
 
 
 def _short(exc: BaseException) -> str:

@@ -23,7 +23,8 @@ from syncengine import pull as pulling
 from syncengine import push as pushing
 from syncengine import scanner
 from syncengine.conflicts import check_strategy
-from syncengine.errors import MassDeleteGuard
+from syncengine.errors import MassDeleteGuard, RootMissing
+from syncengine.fsops import failpoint
 from syncengine.journal import DocRow, Journal
 from syncengine.locks import FileLock
 from syncengine.models import PlannedAction, ScanProblem, SyncReport
@@ -52,10 +53,21 @@ def plan_for(journal: Journal, rows: list[DocRow] | None = None) -> list[tuple[D
 
 
 def check_guard(journal: Journal, plan: list[tuple[DocRow, Action]], *, pct: float, minimum: int) -> str | None:
-    """Why this plan must not run without --force (mass deletion), or None."""
+    """Why this plan must not run without --force (mass deletion), or None.
+
+    Deletions to push and deletions to apply here are counted apart; each
+    trips the guard above ``pct`` percent of the files *and* above
+    ``minimum`` files. Pushing the deletion of every file there is trips it
+    whatever the numbers: that is what an emptied or unmounted root looks
+    like, never what a person meant without saying --force.
+    """
     push_deletes = sum(1 for row, a in plan if a.do is Do.PUSH and row.path is None and row.base_hash)
     pull_deletes = sum(1 for row, a in plan if a.do is Do.PULL and row.remote_hash is None and row.path)
-    total = max(journal.count_present() + push_deletes, 1)
+    present = journal.count_present()
+    total = max(present + push_deletes, 1)
+    if push_deletes and not present:
+        return (f"this sync would delete all {push_deletes} files on the server: "
+                "is the workspace folder emptied or unmounted?")
     for count, where in ((push_deletes, "on the server"), (pull_deletes, "here")):
         if count > minimum and count > total * pct / 100:
             return (f"this sync would delete {count} of {total} files {where} "
@@ -127,10 +139,15 @@ def _round(ws: Workspace, remote: Remote, strategy_for, pct: float, force: bool,
     journal = ws.journal
     cfg = ws.config
     client_id = journal.client_id
+    if not ws.root.is_dir():
+        raise RootMissing(f"the workspace folder {ws.root} is gone", hint="is it unmounted?")
+    applying.recover(ws.root)
     scan = ws.scan()
+    failpoint("sync.after_scan")
     problems: list[ScanProblem] = list(scan.problems)
     pulled = pulling.pull(journal, remote)
     pulled.save(journal)
+    failpoint("sync.after_pull")
     problems += pulled.problems
     ctx = applying.Context(ws.root, journal, ws.blobs, client_id, strategy_for, _newer(remote))
     pushed_paths: list[str] = []
@@ -139,16 +156,20 @@ def _round(ws: Workspace, remote: Remote, strategy_for, pct: float, force: bool,
     entries = pulled.entries
     for passes in range(1, MAX_PASSES + 1):
         plan = plan_for(journal)
+        reason = check_guard(journal, plan, pct=pct, minimum=cfg.sync.max_delete_min)
+        if reason and not force:
+            journal.update_state(guard=reason)
+            raise MassDeleteGuard(reason, hint="check the files, then run `syncengine sync --force`")
         if passes == 1:
-            reason = check_guard(journal, plan, pct=pct, minimum=cfg.sync.max_delete_min)
-            if reason and not force:
-                journal.update_state(guard=reason)
-                raise MassDeleteGuard(reason, hint="check the files, then run `syncengine sync --force`")
             journal.update_state(guard=None)
         _fetch_blobs(ws, remote, plan, progress)
+        ctx.result.underfoot.clear()
         applying.apply_plan(ctx, plan)
-        if ctx.result.copies:
-            ws.scan()  # journal the conflict copies so they are pushed like any file
+        changed_underfoot = bool(ctx.result.underfoot) and passes < MAX_PASSES
+        if ctx.result.copies or changed_underfoot:
+            # Journal the conflict copies (pushed like any file) and the edits
+            # that landed during the apply (decided again in the next pass).
+            ws.scan()
         to_push = [row for row, action in plan_for(journal) if action.do is Do.PUSH]
         if progress:
             progress("push", 0, len(to_push))
@@ -158,11 +179,15 @@ def _round(ws: Workspace, remote: Remote, strategy_for, pct: float, force: bool,
         pushed_paths += result.committed
         uploaded += result.uploaded
         problems += result.problems
-        if not result.conflicts and not result.moved_aside:
+        refused = bool(result.conflicts or result.moved_aside)
+        if not refused and not changed_underfoot:
             break
-        again = pulling.pull(journal, remote)
-        again.save(journal)
-        entries += again.entries
+        if refused:
+            again = pulling.pull(journal, remote)
+            again.save(journal)
+            failpoint("sync.after_repull")
+            entries += again.entries
+    failpoint("sync.before_state")
     journal.update_state(last_sync_at=time.time_ns(), last_sync_ok=True, last_error=None, unreachable_since=None)
     applied = ctx.result
     problems += applied.problems
