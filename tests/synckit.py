@@ -52,6 +52,16 @@ class Replica:
         with Workspace(self.root) as ws:
             return ws.status()
 
+    def repoint(self, url: str, token: str) -> None:
+        """Talk to another server from now on (config.toml and the stored token)."""
+        from syncengine.credentials import save_token
+
+        config = Config.load(self.root / ".syncengine" / "config.toml")
+        config.server.url = url
+        config.save(self.root / ".syncengine" / "config.toml")
+        save_token(self.root / ".syncengine" / "token", token)
+        self.url, self.token = url, token
+
     # ------------------------------------------------------------ files
 
     def write(self, rel: str, data: str | bytes) -> None:

@@ -214,7 +214,7 @@ def test_three_replicas_converge(pkit):
     converge(a, b, c)
     a.write("a.txt", "a2\n")
     b.write("b.txt", "b\n")
-    c.delete("a.txt") if False else c.write("c/c.txt", "c\n")
+    c.write("c/c.txt", "c\n")
     a.write("shared.json", '{\n  "a": 2,\n  "b": 1\n}\n')
     b.write("shared.json", '{\n  "a": 1,\n  "b": 2\n}\n')
     converge(a, b, c)

@@ -71,7 +71,7 @@ def pending(kit):
 
 def test_dry_run_prints_the_plan_and_writes_nothing(kit, pending):
     """--dry-run lists every planned action and leaves files, journal and server exactly as they were."""
-    a, b = pending
+    _a, b = pending
     files, journal, log = (b.tree(), _stamps(b)), _journal_dump(b), kit.log()
     result = b.cli("sync", "--dry-run")
     assert result.code == 0, result.stderr
