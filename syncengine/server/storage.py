@@ -78,6 +78,119 @@ def compress_chunk(data: bytes) -> tuple[bool, bytes]:
     return False, data
 
 
+@dataclass(slots=True)
+class _Doc:
+    """A document as one commit sees it (kept current as its items apply)."""
+
+    doc_id: str
+    rev: int
+    path: str
+    path_key: str | None
+    hash: str | None
+    deleted: bool
+    executable: bool
+
+
+class _CommitState:
+    """What one commit transaction reads up front and the rows it will write."""
+
+    def __init__(self, storage: Storage, ws_id: int, items: list[CommitItem]) -> None:
+        m = storage.m
+        D, B, Ops = m.Document, m.Blob, m.Op
+        self.storage = storage
+        self.ws_id = ws_id
+        self.ops: dict[str, str] = {}
+        self.docs: dict[str, _Doc] = {}
+        self.owners: dict[str, _Doc] = {}  # live path_key -> the document holding it
+        self.sizes: dict[str, int] = {}
+        self.doc_writes: list[tuple[str, dict[str, Any]]] = []  # ("insert"|"update", values)
+        self.change_rows: list[tuple] = []
+        self.op_rows: list[tuple] = []
+        op_ids = list(dict.fromkeys(i.op_id for i in items))
+        doc_ids = list(dict.fromkeys(i.doc_id for i in items))
+        keys = list(dict.fromkeys(casefold_key(i.path) for i in items if i.hash is not None))
+        hashes = list(dict.fromkeys(i.hash for i in items if i.hash is not None))
+        for chunk in _chunks(op_ids):
+            query = Ops.select(Ops.op_id, Ops.result).where((Ops.workspace == ws_id) & Ops.op_id.in_(chunk))
+            self.ops.update(query.tuples())
+        columns = (D.doc_id, D.rev, D.path, D.path_key, D.hash, D.deleted, D.executable)
+        for chunk in _chunks(doc_ids):
+            for row in D.select(*columns).where((D.workspace == ws_id) & D.doc_id.in_(chunk)).tuples():
+                self._remember(_Doc(*row))
+        for chunk in _chunks(keys):
+            for row in D.select(*columns).where((D.workspace == ws_id) & D.path_key.in_(chunk)).tuples():
+                doc = self.docs.get(row[0]) or _Doc(*row)
+                self.owners[doc.path_key] = doc
+        for chunk in _chunks(hashes):
+            query = B.select(B.hash, B.size).where((B.workspace == ws_id) & B.hash.in_(chunk))
+            self.sizes.update(query.tuples())
+
+    def _remember(self, doc: _Doc) -> None:
+        self.docs[doc.doc_id] = doc
+        if doc.path_key is not None:
+            self.owners[doc.path_key] = doc
+
+    def put_doc(self, doc_id: str, doc: _Doc | None, fields: dict[str, Any]) -> None:
+        """Record a document's new state: in memory now, in the database at write()."""
+        if doc is None:
+            self.doc_writes.append(("insert", {"doc_id": doc_id, **fields}))
+            self._remember(_Doc(doc_id, fields["rev"], fields["path"], fields["path_key"], fields["hash"],
+                                fields["deleted"], fields["executable"]))
+            return
+        self.doc_writes.append(("update", {"doc_id": doc_id, **fields}))
+        if doc.path_key is not None and self.owners.get(doc.path_key) is doc:
+            del self.owners[doc.path_key]
+        doc.rev, doc.path, doc.path_key = fields["rev"], fields["path"], fields["path_key"]
+        doc.hash, doc.deleted, doc.executable = fields["hash"], fields["deleted"], fields["executable"]
+        if doc.path_key is not None:
+            self.owners[doc.path_key] = doc
+
+    def write(self) -> None:
+        """The decided rows, in bulk; documents in decision order (path keys are unique)."""
+        m, db = self.storage.m, self.storage.db
+        D = m.Document
+        doc_cols = ["path", "path_key", "rev", "hash", "deleted", "executable", "size"]
+        run: list[dict[str, Any]] = []
+        kind = None
+        for op, values in [*self.doc_writes, ("end", {})]:
+            if run and op != kind:
+                if kind == "insert":
+                    _executemany(db, D, ["workspace", "doc_id", *doc_cols],
+                                 [[self.ws_id, v["doc_id"], *(v[c] for c in doc_cols)] for v in run])
+                else:
+                    _executemany(db, D, doc_cols, [[*(v[c] for c in doc_cols), self.ws_id, v["doc_id"]]
+                                                   for v in run], where=["workspace", "doc_id"])
+                run = []
+            kind = op
+            run.append(values)
+        _executemany(db, m.Change, ["workspace", "seq", "doc_id", "path", "old_path", "hash", "deleted",
+                                    "executable", "size", "op_id", "client_id", "received_ns"], self.change_rows)
+        _executemany(db, m.Op, ["workspace", "op_id", "result", "created_ns"], self.op_rows)
+
+
+def _chunks(items: list, size: int = 500) -> Iterable[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _executemany(db: Any, model: Any, names: list[str], rows: list, *, where: list[str] | None = None) -> None:
+    """INSERT rows (or UPDATE ... WHERE ``where``), each value through its field's db_value."""
+    if not rows:
+        return
+    meta = model._meta
+    fields = [meta.fields[n] for n in names] + [meta.fields[n] for n in where or ()]
+    q = db.param
+    if where:
+        sets = ", ".join(f'"{f.column_name}" = {q}' for f in fields[: len(names)])
+        cond = " AND ".join(f'"{f.column_name}" = {q}' for f in fields[len(names) :])
+        sql = f'UPDATE "{meta.table_name}" SET {sets} WHERE {cond}'
+    else:
+        cols = ", ".join(f'"{f.column_name}"' for f in fields)
+        sql = f'INSERT INTO "{meta.table_name}" ({cols}) VALUES ({", ".join([q] * len(fields))})'
+    params = [[f.db_value(v) for f, v in zip(fields, row, strict=True)] for row in rows]
+    db.cursor().executemany(sql, params)
+
+
 class Storage:
     """The server's state: workspaces, tokens, documents, the change log, blobs."""
 
@@ -336,25 +449,23 @@ class Storage:
         B, K = self.m.Blob, self.m.BlobChunk
         now = time.time_ns()
         with self._write():
-            have = (
-                {
-                    h
-                    for (h,) in B.select(B.hash)
-                    .where((B.workspace == ws_id) & B.hash.in_([b[0] for b in blobs]))
-                    .tuples()
-                }
-                if blobs
-                else set()
-            )
-            for digest, size, compressed, stored in blobs:
-                if digest in have:
-                    continue
-                have.add(digest)
-                blob = B.create(
-                    workspace=ws_id, hash=digest, size=size, chunks=1 if size else 0, created_ns=now
-                )
-                if size:
-                    K.insert(blob=blob.id, idx=0, compressed=compressed, data=stored).execute()
+            have = set()
+            for chunk in _chunks([b[0] for b in blobs]):
+                query = B.select(B.hash).where((B.workspace == ws_id) & B.hash.in_(chunk))
+                have.update(h for (h,) in query.tuples())
+            fresh: dict[str, tuple[str, int, bool, bytes]] = {}
+            for blob in blobs:
+                if blob[0] not in have and blob[0] not in fresh:
+                    fresh[blob[0]] = blob
+            _executemany(self.db, B, ["workspace", "hash", "size", "chunks", "created_ns"],
+                         [[ws_id, digest, size, 1 if size else 0, now] for digest, size, _c, _d in fresh.values()])
+            ids: dict[str, int] = {}
+            for chunk in _chunks([h for h, b in fresh.items() if b[1]]):
+                query = B.select(B.hash, B.id).where((B.workspace == ws_id) & B.hash.in_(chunk))
+                ids.update(query.tuples())
+            _executemany(self.db, K, ["blob", "idx", "compressed", "data"],
+                         [[ids[digest], 0, compressed, stored]
+                          for digest, size, compressed, stored in fresh.values() if size])
 
     def small_blob_data(self, infos: list[BlobInfo]) -> dict[int, bytes]:
         """The inflated bytes of single-chunk blobs, by blob pk, in one query."""
@@ -377,36 +488,39 @@ class Storage:
     # ------------------------------------------------------------ commits
 
     def commit(self, ws_id: int, client_id: str, items: Iterable[CommitItem]) -> CommitOutcome:
-        """Apply items in order under the workspace lock; see docs/protocol.md for the rules."""
-        W, Ops = self.m.Workspace, self.m.Op
+        """Apply items in order under the workspace lock; see docs/protocol.md for the rules.
+
+        What the items need (their op ids, documents, path owners, blob sizes)
+        is read in four queries up front and kept current in memory as items
+        apply; the rows are written at the end in bulk, in the order they were
+        decided. peewee renders SQL value by value, and one query per rule per
+        item made a commit of 100 items cost ~400 ms of server CPU.
+        """
+        W = self.m.Workspace
+        items = list(items)
         results: list[dict[str, Any]] = []
         with self._write():
             query = W.select(W.last_seq).where(W.id == ws_id)
             if self.postgres:
                 query = query.for_update()
             start = last_seq = query.scalar()
+            state = _CommitState(self, ws_id, items)
             for item in items:
-                prior = (
-                    Ops.select(Ops.result)
-                    .where((Ops.workspace == ws_id) & (Ops.op_id == item.op_id))
-                    .scalar()
-                )
+                prior = state.ops.get(item.op_id)
                 if prior is not None:
                     results.append(json.loads(prior))
                     continue
-                result = self._apply(ws_id, client_id, item, last_seq + 1)
+                result = self._apply(state, client_id, item, last_seq + 1)
                 if result.status == "ok" and result.seq == last_seq + 1:
                     last_seq += 1
                 if result.status == "ok":
                     # Only applied ops are remembered: a refused op changed nothing,
                     # and pinning its refusal would keep answering a stale conflict.
-                    Ops.insert(
-                        workspace=ws_id,
-                        op_id=item.op_id,
-                        result=json.dumps(result.to_dict()),
-                        created_ns=time.time_ns(),
-                    ).execute()
+                    encoded = json.dumps(result.to_dict())
+                    state.ops[item.op_id] = encoded
+                    state.op_rows.append((ws_id, item.op_id, encoded, time.time_ns()))
                 results.append(result.to_dict())
+            state.write()
             if last_seq != start:
                 W.update(last_seq=last_seq).where(W.id == ws_id).execute()
         return CommitOutcome(results, last_seq, last_seq - start)
@@ -416,9 +530,8 @@ class Storage:
             doc.doc_id, doc.rev, doc.path, doc.hash, bool(doc.deleted), bool(doc.executable)
         )
 
-    def _apply(self, ws_id: int, client_id: str, item: CommitItem, seq: int) -> CommitResult:
-        D, B, C = self.m.Document, self.m.Blob, self.m.Change
-        doc = D.get_or_none((D.workspace == ws_id) & (D.doc_id == item.doc_id))
+    def _apply(self, state: _CommitState, client_id: str, item: CommitItem, seq: int) -> CommitResult:
+        doc = state.docs.get(item.doc_id)
         if item.base_rev is None and doc is not None:
             return CommitResult("conflict", item.doc_id, current=self._current(doc))
         if item.base_rev is not None:
@@ -457,12 +570,10 @@ class Storage:
         size = None
         if not deleting:
             key = casefold_key(item.path)
-            occupant = D.get_or_none(
-                (D.workspace == ws_id) & (D.path_key == key) & (D.doc_id != item.doc_id)
-            )
-            if occupant is not None:
+            occupant = state.owners.get(key)
+            if occupant is not None and occupant.doc_id != item.doc_id:
                 return CommitResult("conflict", item.doc_id, current=self._current(occupant))
-            size = B.select(B.size).where((B.workspace == ws_id) & (B.hash == item.hash)).scalar()
+            size = state.sizes.get(item.hash)
             if size is None:
                 return CommitResult(
                     "rejected",
@@ -481,24 +592,11 @@ class Storage:
             "executable": item.executable,
             "size": size,
         }
-        if doc is None:
-            D.insert(workspace=ws_id, doc_id=item.doc_id, **fields).execute()
-        else:
-            D.update(**fields).where(D.id == doc.id).execute()
-        C.insert(
-            workspace=ws_id,
-            seq=seq,
-            doc_id=item.doc_id,
-            path=path,
-            old_path=old_path,
-            hash=item.hash,
-            deleted=deleting,
-            executable=item.executable,
-            size=size,
-            op_id=item.op_id,
-            client_id=client_id,
-            received_ns=time.time_ns(),
-        ).execute()
+        state.put_doc(item.doc_id, doc, fields)
+        state.change_rows.append(
+            (state.ws_id, seq, item.doc_id, path, old_path, item.hash, deleting,
+             item.executable, size, item.op_id, client_id, time.time_ns())
+        )
         return CommitResult("ok", item.doc_id, rev=seq, seq=seq)
 
     # ------------------------------------------------------------ upkeep
