@@ -132,7 +132,9 @@ def _maybe_fault(op: str, path: os.PathLike | str) -> None:
     for key in (op, "any"):
         _fault_counts[key] = _fault_counts.get(key, 0) + 1
     for fop, nth, err in faults:
-        if _fault_counts.get(fop) == nth:
+        # Only the operation being counted can fail: a "replace" fault that
+        # fired once must not fail every later write as well.
+        if fop in (op, "any") and _fault_counts.get(fop) == nth:
             raise OSError(err, os.strerror(err), os.fspath(path))
 
 

@@ -1,0 +1,198 @@
+"""What a round sends and accepts, seen from a fault-injecting proxy between a replica and the real server."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from tests.server.conftest import FaultProxy
+from tests.synckit import Kit, assert_converged, converge, module_server, no_duplicate_revisions
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory):
+    """One SQLite server for the module; each test works in its own workspace on it."""
+    yield from module_server(tmp_path_factory)
+
+
+@pytest.fixture
+def proxy(shared_server):
+    """A proxy in front of the module's server (requests seen in ``.seen``; ``.rewrites`` to alter answers)."""
+    proxy = FaultProxy(shared_server.url).start()
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture
+def kit(tmp_path, shared_server):
+    return Kit(tmp_path, shared_server)
+
+
+def _calls(proxy: FaultProxy, method: str, suffix: str) -> int:
+    return sum(1 for m, path in proxy.seen if m == method and path.split("?")[0].endswith(suffix))
+
+
+def _stamps(root):
+    return {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*") if ".syncengine" not in p.parts}
+
+
+def test_a_no_op_sync_makes_one_request_and_writes_nothing(kit, proxy):
+    """In step with the server, a round is one GET of the feed; no file and no server state changes."""
+    a = kit.replica({f"d{i}/f{i}.txt": f"{i}\n" for i in range(20)}, url=proxy.url)
+    a.sync()
+    a.sync()
+    proxy.seen.clear()
+    stamps, log = _stamps(a.root), kit.log()
+    report = a.sync()
+    assert [m for m, _ in proxy.seen] == ["GET"] and proxy.seen[0][1].split("?")[0].endswith("/changes")
+    assert not (report.pushed or report.downloaded) and _stamps(a.root) == stamps and kit.log() == log
+
+
+def test_requests_grow_with_batches_not_with_files(kit, proxy):
+    """250 files go up in 3 commits and come down in a handful of requests; an edit of 120 takes 2 commits."""
+    files = {f"many/{i:03d}.json": f'{{"n": {i}}}\n' for i in range(250)}
+    a = kit.replica(files, url=proxy.url)
+    report = a.sync()
+    assert len(report.pushed) == 250
+    assert _calls(proxy, "POST", "/commit") == 3 and len(proxy.seen) <= 3 * 3 + 2
+    proxy.seen.clear()
+    b = kit.replica(url=proxy.url)
+    assert len(b.sync().downloaded) == 250 and len(proxy.seen) <= 4
+    for i in range(120):
+        a.write(f"many/{i:03d}.json", f'{{"n": {i}, "edited": true}}\n')
+    proxy.seen.clear()
+    a.sync()
+    assert _calls(proxy, "POST", "/commit") == 2 and len(proxy.seen) <= 2 * 3 + 1
+    proxy.seen.clear()
+    assert len(b.sync().downloaded) == 120 and len(proxy.seen) <= 2
+    assert_converged(a, b)
+
+
+def test_own_pushes_are_recognised_and_never_downloaded(kit, proxy):
+    """The feed echoing our own commits costs no blob download and raises no conflict."""
+    a = kit.replica({"x.md": "1\n", "y.bin": b"\x00y"}, url=proxy.url)
+    a.sync()
+    a.write("x.md", "2\n")
+    a.move("y.bin", "z/y.bin")
+    a.sync()
+    proxy.seen.clear()
+    report = a.sync()
+    assert report.pulled >= 2 and not report.downloaded and not report.conflicts
+    assert _calls(proxy, "POST", "/blobs/unpack") == 0 and len(proxy.seen) == 1
+
+
+def test_a_lost_commit_answer_is_replayed_by_op_id(kit, proxy):
+    """The server commits but the answer is lost: the retry carries the same op ids and gets the first answers."""
+    lost: list[str] = []
+
+    def lose_first_commit_answer(method, path, status, headers, body):
+        if method == "POST" and path.endswith("/commit") and not lost:
+            lost.append(path)
+            return 502, {"Content-Type": "application/json"}, b'{"error": "bad_gateway", "message": "lost"}'
+        return None
+
+    a = kit.replica({"one.md": "1\n", "two.md": "2\n"}, url=proxy.url)
+    proxy.rewrites.append(lose_first_commit_answer)
+    report = a.sync()
+    assert lost and sorted(report.pushed) == ["one.md", "two.md"] and not report.conflicts
+    assert _calls(proxy, "POST", "/commit") == 2
+    log = kit.log()
+    assert len(log) == 2
+    no_duplicate_revisions(log)
+    b = kit.replica()
+    converge(a, b)
+    assert_converged(a, b)
+
+
+def _rewrite_json(match_path: str, change):
+    def rewrite(method, path, status, headers, body):
+        if status == 200 and path.split("?")[0].endswith(match_path):
+            data = json.loads(body)
+            change(data)
+            return status, headers, json.dumps(data).encode()
+        return None
+
+    return rewrite
+
+
+def test_server_paths_escaping_the_workspace_are_refused(kit, proxy, tmp_path):
+    """Feed or listing entries naming ../ or absolute paths are refused and reported; the rest is applied."""
+    a = kit.replica({"ok.md": "fine\n", "evil1.md": "x\n", "evil2.md": "y\n"})
+    a.sync()
+
+    def poison(data):
+        for entry in data.get("docs") or data.get("changes") or []:
+            if entry["path"] == "evil1.md":
+                entry["path"] = "../escaped.md"
+            elif entry["path"] == "evil2.md":
+                entry["path"] = str(tmp_path / "absolute.md")
+
+    proxy.rewrites += [_rewrite_json("/docs", poison), _rewrite_json("/changes", poison)]
+    b = kit.replica(url=proxy.url, name="inside")
+    report = b.sync()
+    assert b.tree() == {"ok.md": b"fine\n"}
+    assert not (tmp_path / "escaped.md").exists() and not (tmp_path / "absolute.md").exists()
+    assert len([p for p in report.problems if "refused" in p.reason]) == 2
+
+
+def test_a_symlinked_folder_never_leads_a_write_outside(kit, tmp_path):
+    """A path through a folder that is a symlink here is refused: nothing lands where the link points."""
+    a = kit.replica({"link/evil.txt": "payload\n", "plain.txt": "p\n"})
+    a.sync()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    b = kit.replica()
+    os.symlink(outside, b.root / "link")
+    report = b.sync()
+    assert list(outside.iterdir()) == [] and b.read("plain.txt") == b"p\n"
+    assert [p.path for p in report.problems] == ["link/evil.txt"]
+
+
+def test_a_blob_whose_hash_is_wrong_is_never_written(kit, proxy):
+    """A corrupt download leaves the old bytes in place (never a torn file) and the next round completes it."""
+    a = kit.replica({"doc.md": "version 1\n", "other.md": "o1\n"})
+    b = kit.replica(url=proxy.url)
+    converge(a, b)
+    a.write("doc.md", "version 2\n")
+    a.write("other.md", "o2\n")
+    a.sync()
+
+    def corrupt(method, path, status, headers, body):
+        if path.endswith("/blobs/unpack") and status == 200 and b"version 2" in body:
+            return status, headers, body.replace(b"version 2", b"version X")
+        return None
+
+    proxy.rewrites.append(corrupt)
+    report = b.sync()
+    assert b.read("doc.md") == b"version 1\n" and b.read("other.md") == b"o2\n"
+    assert [p.path for p in report.problems] == ["doc.md"] and b.leftovers() == []
+    assert any(e.path == "doc.md" for e in b.status().errors)
+    proxy.rewrites.clear()
+    assert b.sync().downloaded == ("doc.md",)
+    assert_converged(a, b)
+    assert not b.status().errors
+
+
+def test_an_oversized_answer_is_refused_and_nothing_changes(kit, proxy):
+    """An answer above the client's cap stops the round (exit 3) before anything is written."""
+    a = kit.replica({"doc.md": "1\n"})
+    b = kit.replica(url=proxy.url)
+    converge(a, b)
+    a.write("doc.md", "2\n")
+    a.sync()
+
+    def inflate(method, path, status, headers, body):
+        if path.split("?")[0].endswith("/changes"):
+            return 200, {"Content-Type": "application/json"}, b" " * (16 << 20) + body
+        return None
+
+    proxy.rewrites.append(inflate)
+    result = b.cli("sync")
+    assert result.code == 3 and "exceeds" in result.stderr
+    assert b.read("doc.md") == b"1\n" and b.leftovers() == []
+    proxy.rewrites.clear()
+    assert b.cli("sync").code == 0 and b.read("doc.md") == b"2\n"
