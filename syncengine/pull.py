@@ -158,3 +158,35 @@ def _record(journal: Journal, result: PullResult, entries: list[tuple], *, force
 
 def _adoptable(row: DocRow) -> bool:
     return row.base_rev is None and row.remote_rev is None
+
+
+def rejoin(journal: Journal, rows: list[DocRow]) -> bool:
+    """Give a file a killed apply put in place back to the document it was written for.
+
+    A round killed after a download is renamed into place but before the
+    journal commits leaves a file the next scan may read as created here —
+    a new document, with the server's bytes at the server's path, beside
+    the document that is absent here and waits for exactly those bytes.
+    They are one document: it takes the file, and reconcile then finds both
+    sides equal (adopt) instead of a both-created conflict and a copy.
+    Returns whether anything was rejoined.
+    """
+    waiting = {(r.remote_path, r.remote_hash): r for r in rows
+               if r.path is None and r.remote_hash is not None and r.remote_path is not None}
+    if not waiting:
+        return False
+    deletes: list[str] = []
+    updates: list[tuple[str, dict[str, Any]]] = []
+    for row in rows:
+        if row.base_rev is not None or row.remote_rev is not None or row.path is None:
+            continue
+        target = waiting.pop((row.path, row.hash), None)
+        if target is None:
+            continue
+        deletes.append(row.doc_id)
+        updates.append((target.doc_id, {"path": row.path, "hash": row.hash, "size": row.size,
+                                         "mtime_ns": row.mtime_ns, "ctime_ns": row.ctime_ns, "inode": row.inode,
+                                         "mode": row.mode, "local_at": row.local_at}))
+    if deletes:
+        journal.batch(deletes=deletes, updates=updates)
+    return bool(deletes)

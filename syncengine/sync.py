@@ -41,6 +41,8 @@ Progress = Callable[[str, int, int | None], None]
 def plan_for(journal: Journal, rows: list[DocRow] | None = None) -> list[tuple[DocRow, Action]]:
     """reconcile() for every document not in step, skipping open manual conflicts."""
     rows = journal.unsettled() if rows is None else rows
+    if pulling.rejoin(journal, rows):
+        rows = journal.unsettled()
     waiting = {c["doc_id"] for c in journal.open_conflicts()}
     plan = []
     for row in rows:
