@@ -10,7 +10,6 @@ that already holds the server's bytes is simply adopted.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,26 +18,23 @@ from typing import Any
 from syncengine import conflicts as strategies
 from syncengine.blobs import BlobStore
 from syncengine.documents import kind_for
-from syncengine.errors import FileSystemError, SyncEngineError
 from syncengine.fsops import (
     ChangedUnderfoot,
     FileStat,
-    clean_temp_files,
     delete_safe,
     failpoint,
     fsync_dirs,
     lstat,
     move_safe,
     read_bytes,
-    recover_trash,
     set_mode,
     sha256,
     write_atomic,
 )
 from syncengine.journal import DocRow, Journal, now_ns
+from syncengine.leftovers import begin_apply, end_apply, recover  # noqa: F401 - part of this module's API
 from syncengine.models import Kind, ScanProblem
-from syncengine.paths import STATE_DIR
-from syncengine.reconcile import Action, ConflictKind, Do, Version
+from syncengine.reconcile import Action, ConflictKind, Version
 
 Plan = list[tuple[DocRow, Action]]
 
@@ -277,101 +273,7 @@ def _record_conflict(ctx: Context, row: DocRow, kind: ConflictKind, strategy: st
     ctx.result.resolved.append(entry)
 
 
-# ---------------------------------------------------------------- the batch
-
-
-def _order(item: tuple[DocRow, Action]) -> int:
-    row, action = item
-    if action.do is Do.PULL and row.remote_hash is None:
-        return 0  # deletions first: they free paths
-    if action.do is Do.PULL and row.path and row.remote_path != row.path:
-        return 1  # then moves
-    return 2
-
-
-def apply_plan(ctx: Context, plan: Plan, flush_every: int = 200) -> Applied:
-    """Run every local-side action; a failing document is reported and left for the next pass or round.
-
-    Documents whose file changed under us (an edit landing mid-apply, C8)
-    are listed in ``result.underfoot``: the round rescans them and decides
-    again, so the edit becomes a conflict in the same round, never a loss.
-    """
-    work = [item for item in plan if item[1].do in (Do.PULL, Do.ADOPT, Do.FORGET, Do.MERGE)]
-    if not work:
-        return ctx.result
-    begin_apply(ctx.root)
-    blocked: Plan = []
-    for attempt in (0, 1):
-        pending = sorted(work, key=_order) if attempt == 0 else blocked
-        blocked = []
-        for row, action in pending:
-            try:
-                if action.do is Do.PULL:
-                    _pull(ctx, row)
-                    if action.conflict:
-                        _record_conflict(ctx, row, action.conflict, "modification-wins", "remote")
-                elif action.do is Do.ADOPT:
-                    _adopt(ctx, row)
-                elif action.do is Do.FORGET:
-                    ctx.deletes.append(row.doc_id)
-                else:
-                    _merge(ctx, row, action)
-                ctx.result.failed.pop(row.doc_id, None)
-            except ChangedUnderfoot as exc:
-                if attempt == 0 and _path_taken(exc):
-                    blocked.append((row, action))  # a path another document frees later in the round
-                else:
-                    _problem(ctx, row, exc)
-                    ctx.result.underfoot.append(row.doc_id)
-            except (FileSystemError, SyncEngineError) as exc:
-                _problem(ctx, row, exc)
-            if len(ctx.updates) >= flush_every:
-                flush(ctx)
-    flush(ctx)
-    end_apply(ctx.root)
-    return ctx.result
-
-
-def _path_taken(exc: ChangedUnderfoot) -> bool:
-    return "appeared" in exc.message or "is taken" in exc.message
-
-
-def _problem(ctx: Context, row: DocRow, exc: SyncEngineError) -> None:
-    path = row.path or row.remote_path or row.base_path or row.doc_id
-    ctx.result.failed[row.doc_id] = ScanProblem(path, exc.message)
-    ctx.updates.append((row.doc_id, {"error": f"{exc.title}: {exc.message}"[:500]}))
-
-
-# ---------------------------------------------------------------- crash leftovers
-
-
-def _marker(root: Path) -> Path:
-    return root / STATE_DIR / "applying"
-
-
-def begin_apply(root: Path) -> None:
-    """Note that files are about to be written, so a kill leaves a trace to clean up after."""
-    marker = _marker(root)
-    if not marker.exists():
-        marker.write_bytes(b"")
-
-
-def end_apply(root: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        _marker(root).unlink()
-
-
-def recover(root: Path) -> None:
-    """Finish what a killed apply left: put set-aside files back, remove its temp files.
-
-    Runs at the start of every round, under the sync lock, so no apply of
-    another process is in flight. Only a round that was killed mid-apply
-    pays for the walk that finds its temp files.
-    """
-    recover_trash(root)
-    if _marker(root).exists():
-        clean_temp_files(root)
-        end_apply(root)
+# ---------------------------------------------------------------- committing
 
 
 def flush(ctx: Context) -> None:

@@ -18,10 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from syncengine import applier, leftovers, scanner
 from syncengine import apply as applying
 from syncengine import pull as pulling
 from syncengine import push as pushing
-from syncengine import scanner
 from syncengine.conflicts import check_strategy
 from syncengine.errors import MassDeleteGuard, RootMissing
 from syncengine.fsops import failpoint
@@ -143,7 +143,7 @@ def _round(ws: Workspace, remote: Remote, strategy_for, pct: float, force: bool,
     client_id = journal.client_id
     if not ws.root.is_dir():
         raise RootMissing(f"the workspace folder {ws.root} is gone", hint="is it unmounted?")
-    applying.recover(ws.root)
+    leftovers.recover(ws.root)
     scan = ws.scan()
     failpoint("sync.after_scan")
     problems: list[ScanProblem] = list(scan.problems)
@@ -166,7 +166,7 @@ def _round(ws: Workspace, remote: Remote, strategy_for, pct: float, force: bool,
             journal.update_state(guard=None)
         _fetch_blobs(ws, remote, plan, progress)
         ctx.result.underfoot.clear()
-        applying.apply_plan(ctx, plan)
+        applier.apply_plan(ctx, plan)
         changed_underfoot = bool(ctx.result.underfoot) and passes < MAX_PASSES
         if ctx.result.copies or changed_underfoot:
             # Journal the conflict copies (pushed like any file) and the edits

@@ -233,3 +233,17 @@ def test_own_pushes_come_back_as_echoes(kit):
     a.sync()
     report = a.sync()
     assert report.pulled >= 2 and not report.downloaded and not report.conflicts and not report.pushed
+
+
+def test_crossing_moves_converge(kit):
+    """Files that swap or rotate names on the server (x->y, y->z, z->x) do so here too, without a stall or a copy."""
+    a = kit.replica({"x.txt": "X\n", "y.txt": "Y\n", "z.txt": "Z\n"})
+    b = kit.replica()
+    converge(a, b)
+    for old, new in (("x.txt", "tmp"), ("z.txt", "x.txt"), ("y.txt", "z.txt"), ("tmp", "y.txt")):
+        a.move(old, new)
+        a.sync()
+    report = b.sync()
+    assert sorted(report.moved) == [("x.txt", "y.txt"), ("y.txt", "z.txt"), ("z.txt", "x.txt")]
+    assert not report.problems and not b.copies()
+    assert assert_converged(a, b) == {"x.txt": b"Z\n", "y.txt": b"X\n", "z.txt": b"Y\n"}

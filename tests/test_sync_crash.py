@@ -278,3 +278,21 @@ def test_random_kills_of_a_round_then_convergence(kit):
 def test_random_kills_of_a_large_round_then_convergence(kit, seed):
     """600 files, killed at random points six times per phase: nothing lost, torn or doubled."""
     _random_kills(kit, 600, 6, seed=seed)
+
+
+@pytest.mark.parametrize("point", ["apply.after_park", "apply.after_park:2", "apply.after_move"])
+def test_crossing_moves_killed_midway_converge(kit, point):
+    """Swapped names, killed while a file is parked or half the swap is done: both files survive, names converge."""
+    a = kit.replica({"x.txt": "X\n", "y.txt": "Y\n"})
+    b = kit.replica()
+    converge(a, b)
+    for old, new in (("x.txt", "tmp"), ("y.txt", "x.txt"), ("tmp", "y.txt")):
+        b.move(old, new)
+        b.sync()
+    killed = a.proc("sync", SYNCENGINE_FAILPOINT=point)
+    assert killed.code == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert a.journal_ok() and sorted(a.tree().values()) == [b"X\n", b"Y\n"]
+    a.sync()
+    converge(a, b, rounds=1)
+    assert assert_converged(a, b) == {"x.txt": b"Y\n", "y.txt": b"X\n"}
+    assert a.leftovers() == [] and len(kit.log()) == 2 + 3
