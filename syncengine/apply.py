@@ -64,7 +64,7 @@ class Context:
     journal: Journal
     blobs: BlobStore
     client_id: str
-    strategy_for: Any  # (path) -> (strategy, field_rules)
+    strategy_for: Any  # (path, conflict kind) -> (strategy, field_rules): sync._strategy_lookup
     local_is_newer: Any  # (row) -> bool
     result: Applied = field(default_factory=Applied)
     updates: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
@@ -216,8 +216,20 @@ def _merge(ctx: Context, row: DocRow, action: Action) -> None:
 
 
 def _resolve(ctx: Context, row: DocRow, action: Action, local: Version, remote: Version) -> None:
+    """Settle content changed on both sides, on top of the remote rev, as the rules say.
+
+    Nothing that loses is ever only on disk: the local bytes enter the blob
+    store first, a keep-both copy is written before the original is replaced
+    (a kill in between leaves both, and the copy's name is a pure function
+    of the losing version, so the rerun finds it and makes no second one),
+    a local version about to be overwritten is snapshotted first (so
+    `restore` brings it back), and the losing version gets a change row with
+    origin ``conflict`` (so `log` names it). ``manual`` writes nothing: the
+    open conflict keeps the document out of every round until `resolve`.
+    """
     path = action.path or remote.path
-    strategy, field_rules = ctx.strategy_for(path)
+    kind = action.conflict or ConflictKind.BOTH_MODIFIED
+    strategy, field_rules = ctx.strategy_for(path, kind.value)
     open_row = ctx.journal.conflict_for(row.doc_id)
     data, st = read_bytes(ctx.root / local.path)
     if sha256(data) != local.hash:
@@ -225,10 +237,10 @@ def _resolve(ctx: Context, row: DocRow, action: Action, local: Version, remote: 
     ctx.blobs.put_bytes(data)  # the local version stays recoverable whatever wins
     remote_bytes = ctx.blobs.get(remote.hash)
     base_bytes = ctx.blobs.get(row.base_hash) if row.base_hash and ctx.blobs.has(row.base_hash) else None
+    timed = strategy == "newest" or (strategy == "merge" and "newest" in (field_rules or {}).values())
     outcome = strategies.resolve_content(
         strategy, Kind(row.kind), base_bytes, data, remote_bytes, field_rules=field_rules,
-        local_is_newer=ctx.local_is_newer(row) if strategy == "newest" else False)
-    kind = action.conflict or ConflictKind.BOTH_MODIFIED
+        local_is_newer=bool(timed and ctx.local_is_newer(row)))
     if outcome.open:
         if open_row is None:
             _record_conflict(ctx, row, kind, strategy, None, details=outcome.details, resolved=False)
@@ -244,17 +256,32 @@ def _resolve(ctx: Context, row: DocRow, action: Action, local: Version, remote: 
                 raise
         failpoint("apply.after_copy")
         ctx.result.copies.append(copy_path)
-    if outcome.data is None:  # local wins: keep the file, move it if the path merged elsewhere
-        new_hash = local.hash
-        st = _materialise(ctx, row, local, path, local.hash, action.executable)
-    else:
-        new_hash = ctx.blobs.put_bytes(outcome.data)
-        st = _materialise(ctx, row, local, path, new_hash, action.executable)
+    elif outcome.loser == "local" and not getattr(ctx, "_safety_snapshot", False):
+        # Autosave before an overwrite (DESIGN §2, STYLE 8); once per round.
+        from syncengine.history import take_snapshot
+
+        take_snapshot(ctx.root, ctx.journal, ctx.blobs, message="before settling conflicts", trigger="safety",
+                      skip_if_unchanged=True)
+        ctx._safety_snapshot = True  # type: ignore[attr-defined]
+    if outcome.loser == "local":
+        lost = _change(row, "modified", local.path, digest=local.hash, size=len(data), origin="conflict")
+        ctx.changes.append({**lost, "rev": None})
+    elif outcome.loser == "remote":
+        lost_size = len(remote_bytes)
+        ctx.changes.append(_change(row, "modified", remote.path, digest=remote.hash, size=lost_size, origin="conflict"))
+    new_hash = local.hash if outcome.data is None else ctx.blobs.put_bytes(outcome.data)
+    before = len(ctx.changes)
+    st = _materialise(ctx, row, local, path, new_hash, action.executable)
+    touched = list(outcome.touched)
+    if len(ctx.changes) == before:  # the file stays as it is; the log still says how it was settled
+        ctx.changes.append(_change(row, "modified", path, digest=new_hash, size=st.size))
+    for change in ctx.changes[before:]:
+        change.update(origin="merge", zones=json.dumps(touched) if touched else None)
     values = _base_from_remote(row)
     values.update(_local_values(path, new_hash, st))
     ctx.updates.append((row.doc_id, values))
-    if outcome.touched:
-        ctx.result.touched[path] = list(outcome.touched)
+    if new_hash != local.hash or path != local.path:
+        ctx.result.touched[path] = touched
     _record_conflict(ctx, row, kind, strategy, outcome.resolution, details=outcome.details or outcome.touched,
                      copy_path=copy_path, open_id=open_row["id"] if open_row else None)
 
@@ -262,6 +289,11 @@ def _resolve(ctx: Context, row: DocRow, action: Action, local: Version, remote: 
 def _record_conflict(ctx: Context, row: DocRow, kind: ConflictKind, strategy: str, resolution: str | None, *,
                      details=(), copy_path: str | None = None, resolved: bool = True,
                      open_id: int | None = None) -> None:
+    """Queue a conflict row (a new one, or settling the open one) with the batch that writes its outcome.
+
+    It commits in the same transaction as the document's new state, so the
+    journal never calls a conflict settled before its file is.
+    """
     entry = {"doc_id": row.doc_id, "path": row.remote_path or row.path or row.base_path or "",
              "kind": kind.value, "local_hash": row.hash, "remote_hash": row.remote_hash,
              "base_hash": row.base_hash, "remote_rev": row.remote_rev, "strategy": strategy,

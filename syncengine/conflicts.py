@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from syncengine import merge as merging
+from syncengine.documents import changed_zones
 from syncengine.errors import UsageError
+from syncengine.fieldpaths import ROOT
 from syncengine.models import Kind
 
 STRATEGIES = ("merge", "keep-both", "local", "remote", "newest", "manual")
@@ -59,8 +61,12 @@ class Outcome:
     """What a strategy decided for content changed on both sides.
 
     ``data`` is the file's new content (None: keep what is on disk, for
-    ``local``; or nothing decided, for ``manual``). ``copy`` is the losing local
-    version's bytes for keep-both. ``resolution`` is recorded in the journal.
+    ``local``; or nothing decided, for ``manual``). ``copy`` asks for the
+    losing local version to be saved beside the file (keep-both). ``loser``
+    names the side whose version is dropped from the file without a copy
+    (kept in the blob store and the change log). ``touched`` lists the field
+    paths the new content changes in the local file (the ``zones``);
+    ``details`` the fields or lines involved, for ``conflicts``.
     """
 
     resolution: str  # merged | keep-both | local | remote | manual
@@ -70,6 +76,7 @@ class Outcome:
     touched: tuple[str, ...] = ()
     details: tuple[str, ...] = ()  # fields or lines involved
     note: str | None = None
+    loser: str | None = None  # "local" | "remote" | None (nothing lost)
 
 
 def resolve_content(
@@ -82,24 +89,67 @@ def resolve_content(
     field_rules: dict[str, str] | None = None,
     local_is_newer: bool = False,
 ) -> Outcome:
-    """Apply ``strategy`` to content that changed on both sides."""
+    """Apply ``strategy`` to content that changed on both sides.
+
+    Pure: the same versions, rules and ``local_is_newer`` always give the
+    same outcome, so a replica that resolves the same conflict again (after
+    a crash) lands on the same bytes and the same copy.
+    """
     newer = "local" if local_is_newer else "remote"
     if strategy == "merge":
         if kind.mergeable:
             result = merging.merge(kind, base, local, remote, rules=field_rules or None, newer=newer)
             if result.merged is not None:
-                return Outcome("merged", result.merged, touched=result.touched, details=result.conflicts)
+                return Outcome("merged", result.merged, touched=result.touched, details=result.settled)
             return Outcome("keep-both", remote, copy=True, details=result.conflicts,
+                           touched=_zones(kind, local, remote),
                            note=result.reason or "the same fields or lines changed on both sides")
-        return Outcome("keep-both", remote, copy=True, note="binary files are not merged")
+        return Outcome("keep-both", remote, copy=True, details=(ROOT,), note="binary files are not merged")
     if strategy == "keep-both":
-        return Outcome("keep-both", remote, copy=True)
-    if strategy == "local":
-        return Outcome("local", None)
-    if strategy == "remote":
-        return Outcome("remote", remote)
+        return Outcome("keep-both", remote, copy=True, touched=_zones(kind, local, remote))
     if strategy == "newest":
-        return Outcome("local", None) if local_is_newer else Outcome("remote", remote)
+        strategy = "local" if local_is_newer else "remote"
+    if strategy == "local":
+        return Outcome("local", None, loser="remote")
+    if strategy == "remote":
+        return Outcome("remote", remote, loser="local", touched=_zones(kind, local, remote))
     if strategy == "manual":
-        return Outcome("manual", None, open=True)
+        return Outcome("manual", None, open=True, details=involved(kind, base, local, remote))
     raise UsageError(f"unknown strategy {strategy!r}")
+
+
+def involved(kind: Kind, base: bytes | None, local: bytes, remote: bytes) -> tuple[str, ...]:
+    """The fields or lines a person must look at: those changed on both sides, if any.
+
+    For a document that would merge cleanly, every field either side
+    changed; for one that does not parse, or binary, the whole (``$``).
+    """
+    if not kind.mergeable:
+        return (ROOT,)
+    result = merging.merge(kind, base, local, remote)
+    if result.conflicts:
+        return result.conflicts
+    if result.reason or base is None or not kind.structured:
+        return (ROOT,)
+    return tuple(dict.fromkeys([*_zones(kind, base, local), *_zones(kind, base, remote)])) or (ROOT,)
+
+
+def _zones(kind: Kind, old: bytes, new: bytes) -> tuple[str, ...]:
+    """Field paths that differ from ``old`` to ``new`` (none for text, binary, or a side that does not parse)."""
+    if old == new:
+        return ()
+    return tuple(changed_zones(kind, old, new))
+
+
+ZONE_ORIGINS = ("merge", "resolve", "local", "remote")
+
+
+def zone_event(path: str, doc_id: str, fields: list[str] | tuple[str, ...], origin: str) -> dict[str, object]:
+    """One payload of the ``zones`` event channel (the shape docs/conflicts.md documents).
+
+    ``fields`` are field paths in the docs/formats.md notation; an empty list
+    means the document changed as a whole (text, binary, or not parsing).
+    """
+    if origin not in ZONE_ORIGINS:
+        raise ValueError(f"unknown zone origin {origin!r}")
+    return {"path": path, "doc_id": doc_id, "fields": list(fields), "origin": origin}

@@ -77,19 +77,25 @@ def check_guard(journal: Journal, plan: list[tuple[DocRow, Action]], *, pct: flo
     return None
 
 
-def _strategy_lookup(ws: Workspace, override: str | None) -> Callable[[str], tuple[str, dict | None]]:
+def _strategy_lookup(ws: Workspace, override: str | None) -> Callable[..., tuple[str, dict | None]]:
+    """``(path, kind) -> (strategy, field rules)``: --strategy, else .syncrules, else config.toml.
+
+    .syncrules is read here, before the lock and the first request, so a bad
+    one stops the run with nothing synced (exit 2) — even under --strategy,
+    which replaces every strategy and field rule it names for this run.
+    """
     default = check_strategy(override or ws.config.sync.strategy)
     rules = None
     with contextlib.suppress(ImportError):
         from syncengine import rules as rules_mod
 
         rules = rules_mod.load(ws.root)
-    if rules is None:
-        return lambda path: (default, None)
+    if rules is None or override:
+        return lambda path, kind=None: (default, None)
 
-    def lookup(path: str) -> tuple[str, dict | None]:
-        strategy, fields = rules.for_path(path)
-        return (override or strategy or default), fields
+    def lookup(path: str, kind: str | None = None) -> tuple[str, dict | None]:
+        strategy, fields = rules.for_path(path, kind)
+        return (strategy or default), fields
 
     return lookup
 
@@ -104,7 +110,8 @@ def _newer(remote: Remote) -> Callable[[DocRow], bool]:
             server_time = remote.health().time
             offset.append(server_time - (before + time.time_ns()) // 2)
         local = (row.local_at or 0) + offset[0]
-        return local > (row.remote_at or 0)
+        # A tie goes by seq: the unsent local change would take a later one.
+        return local >= (row.remote_at or 0)
 
     return local_is_newer
 
@@ -193,6 +200,7 @@ def _round(ws: Workspace, remote: Remote, strategy_for, pct: float, force: bool,
     journal.update_state(last_sync_at=time.time_ns(), last_sync_ok=True, last_error=None, unreachable_since=None)
     applied = ctx.result
     problems += applied.problems
+    ws.publish_zones(applied.touched, origin="merge")
     return SyncReport(
         server=remote_url(ws), workspace=ws.config.server.workspace, dry_run=False, pulled=entries,
         full_listing=pulled.full, downloaded=tuple(applied.downloaded), deleted=tuple(applied.deleted),
