@@ -91,11 +91,16 @@ def _render_status(out: Console, st: Status) -> None:
         out.print("Last sync: no server configured")
     if st.daemon is not None:
         d = st.daemon
-        state = "paused" if d.paused else ("running" if d.running else "not running")
-        out.print(f"Daemon: {state}" + (f" (pid {d.pid})" if d.pid else ""))
+        state = (d.state or "running") if d.running else "not running"
+        paused = " [bold yellow]syncing paused[/]" if d.paused else ""
+        out.print(f"Daemon: {state}" + (f" (pid {d.pid})" if d.pid else "") + paused)
+        if d.running:
+            out.print(f"  watcher: {d.watcher}   live updates: {d.live}   sync: {d.sync}")
         for t in d.tasks:
             total = f"/{t.total}" if t.total else ""
             out.print(f"  {t.kind}: {t.title} {t.current}{total}")
+        if d.running and d.warning:
+            out.print(f"  [yellow]last warning: {d.warning}[/]")
     for problem in st.errors[:10]:
         out.print(f"[yellow]! {problem.path}: {problem.reason}[/]")
 

@@ -46,10 +46,13 @@ class AutosaveConfig:
 
 @dataclass
 class DaemonConfig:
-    coalesce_ms: int = 200  # change-tracker window per path
+    coalesce_ms: int = 200  # change-tracker window per path: a path busy this long is looked at anyway
+    settle_ms: int = 40  # ... and a path quiet this long is looked at at once
     rescan_interval: float = 3600.0  # full rescan safety net (jittered ±10%)
+    fallback_scan: float = 10.0  # full-scan interval when the OS refuses a watch (limits reached)
     poll_interval: float = 30.0  # pull interval when the live WebSocket is unavailable
     heartbeat: float = 15.0  # WebSocket heartbeat seconds
+    max_backoff: float = 60.0  # longest wait between sync retries while the server is unreachable
     stall_after: float = 600.0  # status calls syncing stalled after this long without success
 
 

@@ -192,8 +192,9 @@ class Workspace:
             since_snapshot=journal.unsnapshotted_count(),
             conflicts=tuple(self.conflicts()),
             last_snapshot=history.snapshot_info(snaps[0]) if snaps else None,
-            sync=self._sync_info(),
+            sync=self._sync_info(stalled=True),
             scan=report,
+            daemon=self.daemon_info(),
             errors=report.problems + self._document_errors(),
         )
 
@@ -225,17 +226,54 @@ class Workspace:
                 items.append(PendingItem("modified", path))
         return items
 
-    def _sync_info(self) -> SyncInfo:
+    def _sync_info(self, stalled: bool = False) -> SyncInfo:
         state = self.journal.state()
+        server = self.config.server.url or state["server_url"]
+        why = None
+        if stalled and server:
+            from syncengine.daemonctl import stall_reason
+
+            oldest = next(iter(self.journal.execute(
+                "SELECT MIN(local_at) FROM document WHERE NOT (path IS base_path AND hash IS base_hash "
+                "AND base_rev IS NOT NULL) AND NOT (path IS NULL AND base_hash IS NULL)")), (None,))[0]
+            why = stall_reason(state, oldest, self.config.daemon.stall_after)
         return SyncInfo(
-            server=self.config.server.url or state["server_url"],
+            server=server,
             workspace=self.config.server.workspace or state["workspace"],
             last_sync_at=history.iso(state["last_sync_at"]),
             last_sync_ok=state["last_sync_ok"],
             last_error=state["last_error"],
             unreachable_since=history.iso(state["unreachable_since"]),
             guard=state["guard"],
+            stalled=why,
         )
+
+    # ------------------------------------------------------------ the daemon and its events
+
+    def daemon_info(self):
+        """Whether a daemon runs here, its state, and the tasks in progress (DaemonInfo)."""
+        from syncengine import daemonctl, progress
+
+        return daemonctl.info(self.layout, paused=bool(self.journal.state()["paused"]),
+                              tasks=progress.running_tasks(self.events))
+
+    def subscribe(self, channels=None, callback=None, *, after: int | None = None):
+        """Follow the event channels (zones, processing, progress, log), as the seed's subscribe().
+
+        Without ``callback``: a Subscription to iterate (``for event in sub``)
+        or poll (``sub.get(timeout)``). With one: it is called with each
+        Event from a thread until ``close()``. Starts after the newest event
+        unless ``after`` names an event id.
+        """
+        from syncengine.progress import Subscription
+
+        return Subscription(self.layout.events, channels, after=after, callback=callback)
+
+    def recent_events(self, limit: int = 20, channels=None):
+        """The last ``limit`` events, oldest first."""
+        from syncengine.progress import recent
+
+        return recent(self.events, limit, channels)
 
     def conflicts(self) -> list[ConflictInfo]:
         """Open conflicts (manual ones waiting for `resolve`), with the fields or lines involved."""

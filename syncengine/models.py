@@ -137,6 +137,14 @@ class DaemonInfo:
     pid: int | None = None
     paused: bool = False
     tasks: tuple[TaskInfo, ...] = ()
+    state: str | None = None  # starting | watching | stopping
+    watcher: str | None = None  # inotify (or the OS's watcher) | polling (watch refused) | none
+    live: str | None = None  # connected | connecting | offline | refused | off (no server)
+    sync: str | None = None  # idle | syncing | offline | paused | guard | auth | error | off
+    started_at: str | None = None
+    last_rescan_at: str | None = None
+    warning: str | None = None  # the last thing a person should know (lost events, stale lock, ...)
+    log: str | None = None  # path of daemon.log
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,6 +66,15 @@ class EventLog:
         with translate(self.path):
             return list(query.order_by(E.id).limit(limit).tuples())
 
+    def latest(self, limit: int, channels: tuple[str, ...] = ()) -> list[tuple]:
+        """The newest ``limit`` events as (id, at, channel, payload-json), oldest first."""
+        E = self.m.Event
+        query = E.select(E.id, E.at, E.channel, E.payload)
+        if channels:
+            query = query.where(E.channel.in_(channels))
+        with translate(self.path):
+            return list(reversed(query.order_by(E.id.desc()).limit(limit).tuples()))
+
     def last_id(self) -> int:
         E = self.m.Event
         with translate(self.path):

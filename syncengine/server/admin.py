@@ -88,19 +88,24 @@ def serve(
         )
     if max_blob is not None:
         settings.limits = replace(settings.limits, blob=max_blob)
+    from syncengine.server.live import MAX_MESSAGE
+
     storage = open_storage(db_url, data_dir)
     logging.getLogger("uvicorn.access").addFilter(_RedactQuery())
+    app = create_app(storage, settings)
     try:
         uvicorn.run(
-            create_app(storage, settings),
+            app,
             host=host,
             port=port,
             ssl_certfile=str(certfile) if certfile else None,
             ssl_keyfile=str(keyfile) if keyfile else None,
             log_level=log_level,
-            ws="none",
+            ws="auto",
+            ws_max_size=MAX_MESSAGE,
             lifespan="off",
             server_header=False,
         )
     finally:
+        app.state.live.close()
         storage.close()

@@ -35,6 +35,7 @@ from starlette.requests import ClientDisconnect
 import syncengine.protocol as p
 from syncengine.errors import BusyError, UnsafePath
 from syncengine.server.guard import ApiError, GuardMiddleware, Limits
+from syncengine.server.live import install as install_live
 from syncengine.server.storage import BlobInfo, Storage, compress_chunk
 
 log = logging.getLogger("syncengine.server")
@@ -153,6 +154,7 @@ def create_app(
     )
     app.state.storage = storage
     app.state.announcers = [announce] if announce else []
+    install_live(app, storage)  # WS /v1/ws/{ws}/live; its hub is app.state.live
     app.add_middleware(GuardMiddleware, limits=settings.limits)
     app.add_middleware(
         GZipMiddleware, minimum_size=p.GZIP_MIN_BYTES, compresslevel=settings.gzip_level
