@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from syncengine.errors import HashMismatch
-from syncengine.fsops import CHUNK, FileStat, _open_nofollow, mapped
+from syncengine.fsops import CHUNK, FileStat, _open_nofollow, check_fault, mapped
 
 MAGIC = b"SEB1"
 ZLIB = b"z"
@@ -53,6 +53,7 @@ class BlobStore:
         digest = hashlib.sha256()
         with mapped("objects"):
             try:
+                check_fault("store", tmp)  # tests: a full disk or a denied write in the blob store
                 with open(tmp, "wb") as out:
                     out.write(MAGIC + ZLIB)
                     comp = zlib.compressobj(_LEVEL)
@@ -111,6 +112,7 @@ class BlobStore:
         if final.exists():
             return name
         final.parent.mkdir(exist_ok=True)
+        check_fault("store", final)
         os.replace(tmp, final)
         return name
 
