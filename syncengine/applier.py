@@ -15,7 +15,7 @@ import posixpath
 from syncengine.apply import Applied, Context, Plan, _adopt, _merge, _pull, _record_conflict, flush
 from syncengine.conflicts import split_name
 from syncengine.errors import FileSystemError, SyncEngineError
-from syncengine.fsops import ChangedUnderfoot, failpoint, move_safe
+from syncengine.fsops import ChangedUnderfoot, failpoint, mapped, move_safe
 from syncengine.journal import DocRow
 from syncengine.leftovers import begin_apply, end_apply
 from syncengine.models import ScanProblem
@@ -50,7 +50,10 @@ def apply_plan(ctx: Context, plan: Plan, flush_every: int = 200) -> Applied:
         blocked: Plan = []
         for row, action in pending:
             try:
-                _run(ctx, row, action)
+                # Reads of the local file and the blob store fail here too (a
+                # full disk, a denied open): one document's problem, not the round's.
+                with mapped(row.path or row.remote_path):
+                    _run(ctx, row, action)
                 ctx.result.failed.pop(row.doc_id, None)
             except ChangedUnderfoot as exc:
                 if attempt < 2 and _path_taken(exc):
