@@ -87,7 +87,8 @@ def _render_sync(out: Console, r: SyncReport) -> None:
         out.print(f"Synced with {r.server} ({r.workspace}): " + (", ".join(parts) if parts else "nothing to do")
                   + f" in {r.seconds:.2f}s.")
         for c in r.conflicts:
-            how = f"{c.resolution}" + (f", loser saved as {c.copy_path}" if c.copy_path else "")
+            how = c.resolution or "open, waiting for `syncengine resolve`"
+            how += f", loser saved as {c.copy_path}" if c.copy_path else ""
             out.print(f"  conflict {c.kind} {c.path}: {how}")
         if r.open_conflicts:
             out.print(f"[bold red]{r.open_conflicts} conflict(s) need you:[/] see `syncengine conflicts`.")

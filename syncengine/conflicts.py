@@ -16,6 +16,7 @@ from syncengine import merge as merging
 from syncengine.documents import changed_zones
 from syncengine.errors import UsageError
 from syncengine.fieldpaths import ROOT
+from syncengine.merge_text import changed_ranges
 from syncengine.models import Kind
 
 STRATEGIES = ("merge", "keep-both", "local", "remote", "newest", "manual")
@@ -121,16 +122,19 @@ def resolve_content(
 def involved(kind: Kind, base: bytes | None, local: bytes, remote: bytes) -> tuple[str, ...]:
     """The fields or lines a person must look at: those changed on both sides, if any.
 
-    For a document that would merge cleanly, every field either side
-    changed; for one that does not parse, or binary, the whole (``$``).
+    For a document that would merge cleanly, every field (text: every base
+    line range) either side changed; for one that does not parse, or
+    binary, the whole (``$``).
     """
     if not kind.mergeable:
         return (ROOT,)
     result = merging.merge(kind, base, local, remote)
     if result.conflicts:
         return result.conflicts
-    if result.reason or base is None or not kind.structured:
+    if result.reason or base is None:
         return (ROOT,)
+    if not kind.structured:
+        return changed_ranges(base, local, remote) or (ROOT,)
     return tuple(dict.fromkeys([*_zones(kind, base, local), *_zones(kind, base, remote)])) or (ROOT,)
 
 

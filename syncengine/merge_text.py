@@ -9,6 +9,7 @@ by a rule that does not care which side is which.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from difflib import SequenceMatcher
 from typing import Any, TypeVar
 
 from merge3 import Merge3
@@ -44,6 +45,27 @@ def _range(start: int, end: int) -> str:
     if end > start:
         return f"lines {start + 1}-{end}"
     return f"after line {start}" if start else "at the start"
+
+
+def changed_ranges(base: bytes, *sides: bytes) -> tuple[str, ...]:
+    """The base line ranges that any of ``sides`` changed, in order, overlapping ones joined.
+
+    What a person must look at in a text conflict that would merge: each
+    range is named as :func:`merge_lines` names a collision (``line 3``,
+    ``lines 2-4``, ``after line 7`` for an insertion).
+    """
+    old = base.splitlines(keepends=True)
+    spans: list[tuple[int, int]] = []
+    for side in sides:
+        matcher = SequenceMatcher(None, old, side.splitlines(keepends=True), autojunk=False)
+        spans += [(i1, i2) for tag, i1, i2, _j1, _j2 in matcher.get_opcodes() if tag != "equal"]
+    joined: list[list[int]] = []
+    for start, end in sorted(spans):
+        if joined and (start < joined[-1][1] or (start, end) == tuple(joined[-1])):
+            joined[-1][1] = max(joined[-1][1], end)
+        else:
+            joined.append([start, end])
+    return tuple(_range(start, end) for start, end in joined)
 
 
 def merge_lines(base: bytes, local: bytes, remote: bytes) -> tuple[bytes | None, tuple[str, ...]]:

@@ -22,6 +22,7 @@ from syncengine import apply as applying
 from syncengine.documents import changed_zones
 from syncengine.errors import UsageError
 from syncengine.fsops import ChangedUnderfoot, delete_safe, read_bytes, sha256
+from syncengine.history import take_snapshot
 from syncengine.journal import DocRow, Journal, now_ns
 from syncengine.locks import FileLock
 from syncengine.models import ConflictInfo, Kind
@@ -110,6 +111,11 @@ def _settle(ws: Workspace, row: DocRow, conflict: dict[str, Any], take: str | No
         chosen, loser = _merged(ws, row, conflict, local_bytes, remote_bytes, server), None
     else:
         chosen, loser = local_bytes, remote
+    if local is not None and local.present and (chosen is None or sha256(chosen) != local.hash):
+        # The local file is about to be overwritten or removed: autosave it
+        # first, so `restore` brings it back (DESIGN §2, STYLE 8).
+        take_snapshot(ws.root, ws.journal, ws.blobs, message=f"before resolving {conflict['path']}",
+                      trigger="safety", skip_if_unchanged=True)
     ctx = applying.Context(ws.root, ws.journal, ws.blobs, ws.journal.client_id, None, None)
     if loser is not None and loser.present and (chosen is None or loser.hash != sha256(chosen)):
         lost = applying._change(row, "modified", loser.path, digest=loser.hash, size=ws.blobs.size(loser.hash),

@@ -157,3 +157,10 @@ def test_bad_syncrules_is_one_clear_usage_error(text, says):
     line = info.value.one_line()
     assert says in line and ".syncrules" in line and "\n" not in line
     assert info.value.exit_code == 2
+
+
+def test_involved_names_the_lines_either_side_changed_in_text():
+    """For text that would merge, the involved lines are the base ranges either side changed, not '$'."""
+    base = b"one\ntwo\nthree\nfour\n"
+    assert involved(Kind.TEXT, base, b"ONE\ntwo\nthree\nfour\n", b"one\ntwo\nthree\nFOUR\n") == ("line 1", "line 4")
+    assert involved(Kind.TEXT, base, b"one\nTWO\nTHREE\nfour\n", base + b"five\n") == ("lines 2-3", "after line 4")

@@ -144,3 +144,27 @@ def test_crash_between_copy_and_replace_makes_no_second_copy(net):
     tree = net.settle(a, b)
     assert list(copies(tree)) == [name] and COPY.match(name)
     assert json.loads(tree["plan.json"])["title"] == "A" and json.loads(tree[name])["title"] == "B"
+
+
+def test_resolve_take_remote_snapshots_the_local_version_first(net):
+    """resolve --take remote overwrites the local file only after a safety snapshot that restores it."""
+    _a, b = manual_conflict(net, {**DOC, "title": "A"}, {**DOC, "title": "B"})
+    lost = (b.root / "plan.json").read_bytes()
+    assert cli(b, "resolve", "plan.json", "--take", "remote").code == 0
+    assert load(b, "plan.json")["title"] == "A"
+    safety = [s for s in b.snapshots() if s.trigger == "safety"]
+    assert safety, "no safety snapshot before the overwrite"
+    assert cli(b, "restore", str(safety[0].id), "plan.json").code == 0
+    assert (b.root / "plan.json").read_bytes() == lost
+
+
+def test_sync_output_names_an_open_conflict_as_open(net):
+    """A conflict left open by manual reads as open in sync's output, never as 'None'."""
+    a, b = net.replicas_of(BASE, 2)
+    write(a, "plan.json", {**DOC, "title": "A"})
+    write(b, "plan.json", {**DOC, "title": "B"})
+    assert cli(a, "sync").code == 0
+    result = cli(b, "sync", "--strategy", "manual")
+    assert result.code == 1
+    line = next(x for x in result.stdout.splitlines() if "conflict both-modified" in x)
+    assert "None" not in line and "open" in line
