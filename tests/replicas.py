@@ -79,12 +79,21 @@ def free_port() -> int:
 
 
 class ServeProcess:
-    """``syncengine serve`` as a real process (its own RSS, its own log), stopped on exit."""
+    """``syncengine serve`` as a real process (its own RSS, its own log), stopped on exit.
 
-    def __init__(self, data_dir: Path, log: Path, *args: str, tls_ca: Path | None = None) -> None:
-        self.data_dir, self.log, self.args, self.tls_ca = data_dir, log, args, tls_ca
+    It keeps its state in ``data_dir`` (SQLite), or in the PostgreSQL database
+    ``db_url`` names (``--db``); ``token()`` talks to the same storage.
+    """
+
+    def __init__(self, data_dir: Path, log: Path, *args: str, tls_ca: Path | None = None,
+                 db_url: str | None = None) -> None:
+        self.data_dir, self.log, self.args, self.tls_ca, self.db_url = data_dir, log, args, tls_ca, db_url
         self.port = free_port()
         self.proc: Any = None
+
+    def storage_args(self) -> list[str]:
+        """The ``--db``/``--data`` flags naming this server's storage."""
+        return ["--db", self.db_url] if self.db_url else ["--data", str(self.data_dir)]
 
     @property
     def url(self) -> str:
@@ -101,7 +110,7 @@ class ServeProcess:
 
         self._out = open(self.log, "ab")  # closed in __exit__
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cli", "serve", "--data", str(self.data_dir), "--port", str(self.port),
+            [sys.executable, "-m", "cli", "serve", *self.storage_args(), "--port", str(self.port),
              *self.args], stdout=self._out, stderr=subprocess.STDOUT, env=cli_env(), cwd=REPO)
 
         def up() -> bool:
@@ -127,7 +136,7 @@ class ServeProcess:
         """A new token from `syncengine token create` (stdout is the token alone)."""
         from tests.helpers import run_proc
 
-        result = run_proc("token", "create", "-w", workspace, "--data", self.data_dir)
+        result = run_proc("token", "create", "-w", workspace, *self.storage_args())
         assert result.code == 0, result.stderr
         return result.stdout.strip()
 
