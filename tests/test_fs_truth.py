@@ -207,3 +207,127 @@ def test_a_restore_survives_a_fault_at_every_operation(tmp_path, err):
         if reached < n:
             break
     assert n > 8
+
+
+# ---------------------------------------------------------------- the executable bit
+
+
+def test_the_executable_bit_travels_with_edits_merges_and_moves(replicas):
+    """+x set on one replica reaches the others and stays through edits, a move and a merge of concurrent edits."""
+    a = replicas.make("a", {"run.sh": "#!/bin/sh\necho 1\n", "tool.sh": "#!/bin/sh\necho t\n"})
+    os.chmod(a.root / "run.sh", 0o755)
+    a.sync()
+    b = replicas.make("b")
+    b.sync()
+
+    def x(r, rel):
+        return bool(os.stat(r.root / rel).st_mode & 0o100)
+
+    assert x(b, "run.sh") and not x(b, "tool.sh")
+    a.write("run.sh", "#!/bin/sh\necho 2\n")  # an editor's write keeps the mode
+    a.sync()
+    b.sync()
+    assert b.tree()["run.sh"] == b"#!/bin/sh\necho 2\n" and x(b, "run.sh")
+    os.chmod(b.root / "tool.sh", 0o755)  # the bit on B, the content on A, at once
+    a.write("tool.sh", "#!/bin/sh\necho t\necho more\n")
+    b.sync()
+    a.sync()
+    b.sync()
+    for r in (a, b):
+        assert r.tree()["tool.sh"] == b"#!/bin/sh\necho t\necho more\n" and x(r, "tool.sh"), r.root.name
+    (b.root / "bin").mkdir()
+    os.rename(b.root / "run.sh", b.root / "bin" / "run.sh")  # a move on B, a text edit on A: merged
+    a.write("run.sh", "#!/bin/sh\necho 2\necho 3\n")
+    b.sync()
+    a.sync()
+    b.sync()
+    for r in (a, b):
+        assert r.tree()["bin/run.sh"] == b"#!/bin/sh\necho 2\necho 3\n" and x(r, "bin/run.sh"), r.root.name
+    os.chmod(a.root / "bin" / "run.sh", 0o644)  # clearing it travels too
+    a.sync()
+    b.sync()
+    assert not x(b, "bin/run.sh")
+
+
+# ---------------------------------------------------------------- names: case and Unicode normalization
+
+NFC_NAME = "caf\u00e9.txt"
+NFD_NAME = "cafe\u0301.txt"
+
+
+def test_names_that_differ_only_by_case_never_overwrite_each_other(replicas):
+    """Report.md on A and report.md on B (one name to a case-insensitive disk) both survive, whole, everywhere."""
+    a = replicas.make("a", {"Report.md": "A's report\n"})
+    b = replicas.make("b", {"report.md": "B's report\n", "Notes.md": "n1\n", "NOTES.md": "n2\n"})
+    for _ in range(3):
+        a.sync()
+        b.sync()
+    contents = {b"A's report\n", b"B's report\n", b"n1\n", b"n2\n"}
+    for r in (a, b):
+        tree = r.tree()
+        assert contents <= set(tree.values()), f"{r.root.name} lost a version: {tree}"
+        keys = [p.casefold() for p in tree]
+        assert len(keys) == len(set(keys)), f"{r.root.name} holds names one case-insensitive disk cannot: {tree}"
+    assert a.tree() == b.tree()
+    # The name that reached the server second is kept as a conflict copy beside the first (docs/sync-rules.md).
+    assert sorted(p.split(".")[0] for p in a.tree() if ".conflict-" in p) == ["Notes", "report"]
+    report = b.sync()
+    assert not (report.downloaded or report.pushed or report.deleted or report.moved), report
+
+
+def test_a_name_not_in_nfc_is_a_per_file_problem_and_never_overwrites_its_nfc_twin(replicas):
+    """An NFD name is reported and left alone on disk; the NFC name beside it syncs; nothing overwrites either."""
+    a = replicas.make("a", {NFC_NAME: "nfc on A\n"})
+    b = replicas.make("b")
+    (b.root / NFD_NAME).write_bytes(b"nfd on B\n")
+    a.sync()
+    report = b.sync()
+    assert [p.path for p in report.problems] == [NFD_NAME] and "NFC" in report.problems[0].reason
+    assert (b.root / NFD_NAME).read_bytes() == b"nfd on B\n"
+    assert (b.root / NFC_NAME).read_bytes() == b"nfc on A\n"
+    assert _server_paths(replicas, replicas.workspace) == {NFC_NAME}
+    b.write(NFC_NAME, "nfc edited on B\n")
+    b.sync()
+    a.sync()
+    assert a.tree() == {NFC_NAME: b"nfc edited on B\n"}
+    assert (b.root / NFD_NAME).read_bytes() == b"nfd on B\n"  # still there, still its own
+
+
+# ---------------------------------------------------------------- gc
+
+
+def test_gc_keeps_every_base_a_later_merge_needs_and_every_kept_snapshot(replicas):
+    """After the harshest gc (keep 0s, keep_last 1) both replicas still merge concurrent field edits and restore."""
+    a = replicas.make("a", {"doc.json": '{"x": 1, "y": 1}\n', "notes.md": "one\ntwo\nthree\n"})
+    a.sync()
+    b = replicas.make("b")
+    b.sync()
+    for i in range(3):
+        a.write("doc.json", f'{{"x": {i + 10}, "y": 1}}\n')
+        a.ws.snapshot(f"v{i}")
+        a.sync()
+    b.sync()
+    kept_tree = a.tree()
+    reports = {}
+    for r in (a, b):
+        old = 0  # every blob old enough to be collected
+        for digest in r.ws.blobs.iter_digests():
+            os.utime(r.ws.blobs.path(digest), (old, old))
+        r.ws.config.history.keep_last = 1
+        reports[r.root.name] = r.ws.gc("0s")
+    assert reports["a"].snapshots_dropped == 2 and reports["a"].snapshots_kept == 1
+    assert reports["a"].blobs_deleted >= 2  # doc.json's x=10 and x=11: in no kept snapshot, no base
+    a.write("doc.json", '{"x": 99, "y": 1}\n')
+    b.write("doc.json", '{"x": 12, "y": 2}\n')
+    a.write("notes.md", "ONE\ntwo\nthree\n")
+    b.write("notes.md", "one\ntwo\nTHREE\n")
+    a.sync()
+    b.sync()
+    a.sync()
+    assert a.tree() == b.tree()
+    assert json.loads(a.tree()["doc.json"]) == {"x": 99, "y": 2}, "the base was collected: no field merge"
+    assert a.tree()["notes.md"] == b"ONE\ntwo\nTHREE\n"
+    assert not [p for p in a.tree() if ".conflict-" in p]
+    last = a.ws.snapshots()[0]
+    a.ws.restore(last.id)
+    assert a.tree() == kept_tree
