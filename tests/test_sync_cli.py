@@ -13,7 +13,7 @@ import pytest
 
 from syncengine.locks import FileLock
 from tests.helpers import REPO, cli_env
-from tests.synckit import Kit, Replica, assert_converged, converge, module_server
+from tests.synckit import Kit, Replica, assert_converged, converge, module_server, no_duplicate_revisions
 
 pytestmark = pytest.mark.integration
 
@@ -36,6 +36,12 @@ def _journal_dump(replica: Replica, *, state: bool = True) -> list[str]:
         return [line for line in con.iterdump() if state or not line.startswith('INSERT INTO "sync_state"')]
     finally:
         con.close()
+
+
+def _state_bytes(replica: Replica) -> dict[str, bytes]:
+    """Every file under .syncengine/ (journal.db, its -wal and -shm, events.db, objects/...), byte for byte."""
+    state = replica.root / ".syncengine"
+    return {str(p.relative_to(state)): p.read_bytes() for p in sorted(state.rglob("*")) if p.is_file()}
 
 
 def _stamps(replica: Replica) -> dict[str, tuple[int, int, int]]:
@@ -73,6 +79,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(kit, pending):
     """--dry-run lists every planned action and leaves files, journal and server exactly as they were."""
     _a, b = pending
     files, journal, log = (b.tree(), _stamps(b)), _journal_dump(b), kit.log()
+    state = _state_bytes(b)
+    assert "journal.db" in state
     result = b.cli("sync", "--dry-run")
     assert result.code == 0, result.stderr
     for expected in ("push", "new.md", "moved/move.md", "pull", "edit.md", "gone.md"):
@@ -81,6 +89,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(kit, pending):
     plan = {(p["path"], p["action"]) for p in as_json.json()["plan"]}
     assert {("new.md", "push"), ("moved/move.md", "push"), ("edit.md", "pull"), ("gone.md", "pull")} <= plan
     assert (b.tree(), _stamps(b)) == files and _journal_dump(b) == journal and kit.log() == log
+    assert _state_bytes(b) == state  # the journal files themselves are byte-identical
     assert b.leftovers() == []
 
 
@@ -125,20 +134,26 @@ def test_progress_bar_only_on_a_terminal(kit):
 
 def test_unreachable_server_exits_3_and_keeps_every_change_queued(kit):
     """Server unreachable: exit 3 with one line, nothing changes locally, and the next sync sends it all."""
-    a = kit.replica({"edit.md": "1\n", "gone.md": "g\n"})
+    a = kit.replica({"edit.md": "1\n", "gone.md": "g\n", "move.md": "m\n"})
     b = kit.replica()
     converge(a, b)
     a.write("edit.md", "2\n")
     a.write("new.md", "n\n")
     a.delete("gone.md")
-    result = a.cli("sync", env={"SYNCENGINE_SERVER": _dead_url()})
-    assert result.code == 3 and result.stderr.count("\n") == 1 and "unreachable" in result.stderr.lower()
+    a.move("move.md", "moved/move.md")
+    files = a.tree()
+    for _ in range(2):  # still unreachable the second time: nothing is lost or sent twice
+        result = a.cli("sync", env={"SYNCENGINE_SERVER": _dead_url()})
+        assert result.code == 3 and result.stderr.count("\n") == 1 and "unreachable" in result.stderr.lower()
+        assert a.tree() == files
     status = a.status()
-    assert (status.pending.created, status.pending.modified, status.pending.deleted) == (1, 1, 1)
+    pending = status.pending
+    assert (pending.created, pending.modified, pending.deleted, pending.moved) == (1, 1, 1, 1)
     assert status.sync.last_sync_ok is False and status.sync.unreachable_since
     assert a.cli("sync").code == 0
     b.sync()
-    assert assert_converged(a, b) == {"edit.md": b"2\n", "new.md": b"n\n"}
+    assert assert_converged(a, b) == {"edit.md": b"2\n", "new.md": b"n\n", "moved/move.md": b"m\n"}
+    no_duplicate_revisions(kit.log())
 
 
 @pytest.mark.parametrize("how", ["wrong", "revoked"])
@@ -236,3 +251,66 @@ def test_a_second_concurrent_sync_exits_7_after_waiting(kit):
         result = a.cli("sync", "--wait", "0.3")
     assert result.code == 7 and result.stderr.count("\n") == 1
     assert a.cli("sync").code == 0
+
+
+@pytest.mark.parametrize("flags", [["--strategy", "bogus"], ["--max-delete", "150"], ["--wait", "-1"], ["--bogus"]],
+                         ids=["strategy", "max-delete", "wait", "unknown"])
+def test_bad_flags_exit_2_with_one_line(kit, flags):
+    """A flag sync does not know, or a value out of range: exit 2, one line, nothing synced."""
+    a = kit.replica({"a.md": "a\n"})
+    result = a.cli("sync", *flags)
+    assert result.code == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert flags[0] in result.stderr and kit.log() == []
+
+
+def test_outside_a_workspace_sync_exits_5(tmp_path):
+    """`sync` in a folder that is no workspace: exit 5, one line."""
+    from tests.helpers import run_cli
+
+    result = run_cli("-C", tmp_path, "sync")
+    assert result.code == 5 and result.stderr.count("\n") == 1 and "not inside a syncengine workspace" in result.stderr
+
+
+def test_a_damaged_journal_exits_5_naming_repair_then_repair_and_sync_lose_nothing(kit):
+    """A garbage journal.db: sync exits 5 naming `syncengine repair`; after repair, sync keeps every version."""
+    a = kit.replica({"same.md": "same\n", "edit.md": "v1\n"})
+    b = kit.replica()
+    converge(a, b)
+    b.write("edit.md", "v2 by b\n")
+    b.sync()
+    a.write("edit.md", "v2 by a\n")
+    a.write("new.md", "new on a\n")
+    journal = a.root / ".syncengine" / "journal.db"
+    for suffix in ("-wal", "-shm"):
+        journal.with_name(journal.name + suffix).unlink(missing_ok=True)
+    journal.write_bytes(b"not a database" * 500)
+    log = kit.log()
+    result = a.cli("sync")
+    assert result.code == 5 and result.stderr.count("\n") == 1 and "syncengine repair" in result.stderr
+    assert kit.log() == log
+    assert a.cli("repair").code == 0
+    synced = a.cli("sync", "--json")
+    assert synced.code in (0, 1), synced.stderr
+    converge(a, b)
+    tree = assert_converged(a, b)
+    assert {b"v2 by a\n", b"v2 by b\n", b"new on a\n", b"same\n"} <= set(tree.values())
+    assert tree["same.md"] == b"same\n" and tree["new.md"] == b"new on a\n"
+
+
+def test_a_crash_exits_70_with_the_traceback_only_in_crash_log(kit):
+    """An internal error mid-round: exit 70, one line naming crash.log, no traceback; the changes stay queued."""
+    a = kit.replica({"a.md": "a\n"})
+    b = kit.replica()
+    converge(a, b)
+    a.write("a.md", "a v2\n")
+    a.write("new.md", "new\n")
+    result = a.proc("sync", SYNCENGINE_FAILPOINT="push.before_commit=raise")
+    assert result.code == 70, result.stderr
+    assert result.stderr.count("\n") == 1 and "crash.log" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    crash = (a.root / ".syncengine" / "crash.log").read_text()
+    assert "Traceback" in crash and "failpoint push.before_commit reached" in crash
+    assert a.status().pending.total == 2
+    assert a.proc("sync").code == 0
+    b.sync()
+    assert assert_converged(a, b) == {"a.md": b"a v2\n", "new.md": b"new\n"}
