@@ -46,6 +46,29 @@ def test_library_never_imports_cli_click_or_server_stack():
     assert not offenders
 
 
+def test_library_never_imports_the_server_package():
+    """No module of syncengine/ outside server/ imports syncengine.server (relative imports included)."""
+    offenders = {}
+    root = REPO / "syncengine"
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root).parts
+        if parts[0] == "server":
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                package = ["syncengine", *parts[:-1]]
+                base = package[: len(package) - node.level + 1] if node.level else []
+                module = ".".join([*base, *(node.module.split(".") if node.module else [])])
+                names = [module] + [f"{module}.{alias.name}" for alias in node.names]
+            if any(n == "syncengine.server" or n.startswith("syncengine.server.") for n in names):
+                offenders.setdefault(str(path.relative_to(REPO)), set()).update(names)
+    assert not offenders
+
+
 def test_server_shares_only_protocol_and_errors_with_the_client():
     """syncengine/server imports from syncengine only protocol, errors and paths."""
     allowed = {"syncengine.protocol", "syncengine.errors", "syncengine.paths"}
