@@ -201,6 +201,7 @@ def _place(base: Version | None, local: Version | None, remote: Version) -> tupl
         return remote.path, remote.executable
     if base is None or not base.present:
         return local.path, local.executable or remote.executable
-    path = remote.path if local.path == base.path else local.path
+    # Moved to two different places: the server's place wins, as in a round (reconcile._merge).
+    path = local.path if remote.path == base.path else remote.path
     executable = remote.executable if local.executable == base.executable else local.executable
     return path, executable

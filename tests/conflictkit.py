@@ -26,6 +26,7 @@ class Net:
         self.name = name
         self.token = server.token(name)
         self.replicas: list[Workspace] = []
+        self.pushed: dict[Path, list[str]] = {}  # replica root -> paths its settle() syncs pushed
 
     def replica(self, tree: dict[str, Any] | None = None) -> Workspace:
         root = self.tmp / f"replica-{len(self.replicas)}"
@@ -44,10 +45,15 @@ class Net:
         return [first, *others]
 
     def settle(self, *replicas: Workspace, **kw: Any) -> dict[str, bytes]:
-        """Sync every replica in turn until a whole pass moves nothing; all must then agree."""
+        """Sync every replica in turn until a whole pass moves nothing; all must then agree.
+
+        What each replica pushed on the way is added to ``self.pushed``.
+        """
         replicas = replicas or tuple(self.replicas)
         for _ in range(6):
             reports = [ws.sync(**kw) for ws in replicas]
+            for ws, report in zip(replicas, reports, strict=True):
+                self.pushed.setdefault(ws.root, []).extend(report.pushed)
             if all(_quiet(r) for r in reports):
                 break
         else:
