@@ -140,9 +140,12 @@ def events(ctx: Context, follow: bool, channels: tuple[str, ...], lines: int, as
             _print_event(event, as_json)
         if not follow:
             return
-        with ws.subscribe(channels or None, after=last) as sub:
-            for event in sub:
-                _print_event(event, as_json)
+        try:
+            with ws.subscribe(channels or None, after=last) as sub:
+                for event in sub:
+                    _print_event(event, as_json)
+        except KeyboardInterrupt:
+            return  # Ctrl-C is how a follow ends: not an error
 
 
 def _print_event(event: Event, as_json: bool) -> None:

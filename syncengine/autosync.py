@@ -151,7 +151,7 @@ class AutoSync(threading.Thread):
             log.debug("round for %s: %.3fs, pulled %d, downloaded %d, pushed %d", ", ".join(sorted(reasons)),
                       time.monotonic() - started, report.pulled, len(report.downloaded), len(report.pushed))
         except BusyError:
-            self._retry(RETRY_BUSY, "idle", reasons)
+            self._retry(RETRY_BUSY, "waiting for another sync", reasons)
             return
         except RemoteError as exc:
             self.failures += 1

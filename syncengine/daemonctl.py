@@ -221,27 +221,48 @@ def start(root: Path, *, timeout: float = READY_TIMEOUT, extra_env: dict[str, st
 
 
 def stop(root: Path, *, timeout: float = 10.0) -> int | None:
-    """Ask the daemon to stop (SIGTERM), wait, SIGKILL after ``timeout``; returns its pid or None."""
+    """Ask the daemon to stop (SIGTERM), wait, SIGKILL after ``timeout``; returns its pid or None.
+
+    Returns once the process is gone, not merely once it let go of its lock
+    (it still has threads to join and files to close after that).
+    """
     layout = Layout(Path(root).absolute())
     pid = running_pid(layout.daemon_pid)
     if pid is None:
         return None
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
-    if not _wait_released(layout.daemon_pid, timeout):
+    deadline = time.monotonic() + timeout
+    if not _wait(lambda: not is_locked(layout.daemon_pid) and exited(pid), deadline):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        _wait_released(layout.daemon_pid, 5.0)
+        _wait(lambda: not is_locked(layout.daemon_pid) and exited(pid), time.monotonic() + 5.0)
     return pid
 
 
-def _wait_released(pid_path: Path, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
+def exited(pid: int) -> bool:
+    """The process is gone: no such pid, or a zombie nobody reaped yet (a container's pid 1 may never)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    except OSError:  # no /proc: ask the kernel (a zombie then still counts as running)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def _wait(done, deadline: float) -> bool:
     while time.monotonic() < deadline:
-        if not is_locked(pid_path):
+        if done():
             return True
         time.sleep(0.03)
-    return not is_locked(pid_path)
+    return bool(done())
 
 
 def nudge(layout: Layout) -> bool:

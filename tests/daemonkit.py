@@ -95,11 +95,15 @@ def daemons() -> Iterator[Daemons]:
 
 
 class Follower:
-    """`syncengine events --follow --json` as a child process, its lines in a queue."""
+    """`syncengine events --follow --json` as a child process, its lines in a queue.
 
-    def __init__(self, root: Path, *args: str) -> None:
+    It prints the last ``past`` events first, so an event published while the
+    process was still starting is not missed (no sleeping until it is ready).
+    """
+
+    def __init__(self, root: Path, *args: str, past: int = 1000) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "cli", "-C", str(root), "events", "--follow", "--json",
-                                      "-n", "0", *args], cwd=REPO, env=_env(), stdout=subprocess.PIPE, text=True)
+                                      "-n", str(past), *args], cwd=REPO, env=_env(), stdout=subprocess.PIPE, text=True)
         self.lines: queue.Queue[str] = queue.Queue()
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -114,14 +118,16 @@ class Follower:
         import time
 
         deadline = time.monotonic() + timeout
+        seen: list[str] = []
         while True:
             try:
                 line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
             except queue.Empty:
-                raise AssertionError("no matching event") from None
+                raise AssertionError(f"no matching event within {timeout:g}s; saw: {seen}") from None
             event = json.loads(line)
             if predicate(event):
                 return event
+            seen.append(line.strip())
 
     def close(self) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -132,3 +138,5 @@ class Follower:
             self.proc.kill()
             self.proc.wait(5)
         self.reader.join(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()

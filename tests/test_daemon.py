@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,10 +16,12 @@ from syncengine import Workspace, daemonctl
 from syncengine.locks import FileLock
 from syncengine.testing import wait_until
 from syncengine.workspace import Layout
-from tests.daemonkit import Daemons, Follower, daemons, make_ws  # noqa: F401 - fixture
+from tests import daemonkit
+from tests.daemonkit import Daemons, Follower, make_ws
 from tests.helpers import REPO, run_proc
 
 pytestmark = pytest.mark.integration
+daemons = daemonkit.daemons  # the fixture
 
 
 def _text(path: Path) -> str | None:
@@ -28,15 +29,6 @@ def _text(path: Path) -> str | None:
         return path.read_text()
     except FileNotFoundError:
         return None
-
-
-def _gone(pid: int) -> bool:
-    """The process has exited: no such pid, or a zombie nobody reaped (a container's pid 1 may not)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    return state in ("Z", "X")
 
 
 def _pair(tmp_path: Path, server, daemons: Daemons, files: dict | None = None) -> tuple[Path, Path]:
@@ -62,11 +54,9 @@ def test_lifecycle_start_twice_status_stop_and_stale_pid(tmp_path: Path, daemons
     assert busy.returncode == 7 and "already running" in busy.stderr
     status = json.loads(run_proc("-C", root, "status", "--json").stdout)["daemon"]
     assert status["running"] and status["pid"] == pid and status["watcher"] == "inotify"
-    started = time.monotonic()
     assert run_proc("-C", root, "daemon", "stop").code == 0
-    assert time.monotonic() - started < 5
-    assert daemonctl.running_pid(Layout(root).daemon_pid) is None
-    assert _gone(pid)
+    assert daemonctl.running_pid(Layout(root).daemon_pid) is None and daemonctl.exited(pid)
+    assert "daemon stopped" in Layout(root).daemon_log.read_text()  # ended cleanly, not SIGKILLed
     Layout(root).daemon_pid.write_text("999999\n")  # a pid file a killed daemon left behind
     new_pid = daemons.start(root)
     assert new_pid != 999999 and "Daemon: watching" in run_proc("-C", root, "status").stdout
@@ -99,10 +89,9 @@ def test_events_follow_shows_zone_updates_for_a_json_edit(tmp_path: Path, server
     wait_until(lambda: _text(b / "doc.json") == doc, timeout=10, message="the document in B")
     here, there = Follower(a, "--channel", "zones"), Follower(b, "--channel", "zones")
     try:
-        time.sleep(0.5)  # let both followers reach their first poll before the edit  # noqa: blind-ok
         (a / "doc.json").write_text(doc.replace('"text": "y"', '"text": "edited"'))
-        local = here.expect(lambda e: e["payload"]["path"] == "doc.json")
-        remote = there.expect(lambda e: e["payload"]["path"] == "doc.json")
+        local = here.expect(lambda e: e["payload"]["path"] == "doc.json" and e["payload"]["fields"] != ["$"])
+        remote = there.expect(lambda e: e["payload"]["path"] == "doc.json" and e["payload"]["fields"] != ["$"])
     finally:
         here.close()
         there.close()
@@ -153,17 +142,21 @@ def test_pause_holds_syncing_and_resume_releases_it(tmp_path: Path, server, daem
 
 
 def test_never_two_syncs_at_once_with_the_cli(tmp_path: Path, server, daemons: Daemons):
-    """While another process holds the sync lock the daemon waits its turn, then syncs."""
+    """While another process holds the sync lock the daemon neither syncs nor reads files (an apply
+    may be half-done); it waits its turn, then journals and sends what changed meanwhile."""
     a, b = _pair(tmp_path, server, daemons)
     lock = FileLock(Layout(a).sync_lock, "sync").acquire(timeout=5)
     try:
         (a / "x.txt").write_text("waits for the lock")
-        wait_until(lambda: Workspace(a).journal.doc_by_path("x.txt") is not None, timeout=10,
-                   message="the change journaled (journaling never waits for a sync)")
+        assert run_proc("-C", a, "daemon", "resume").code == 0  # a nudge: the daemon tries a round now
+        wait_until(lambda: daemons.state(a).get("sync") == "waiting for another sync", timeout=15,
+                   message="the daemon to wait for the lock")
         assert not (b / "x.txt").exists()
+        with Workspace(a) as ws:
+            assert ws.journal.doc_by_path("x.txt") is None  # held back, not journaled mid-sync
     finally:
         lock.release()
-    wait_until(lambda: _text(b / "x.txt") == "waits for the lock", timeout=10, message="the sync after release")
+    wait_until(lambda: _text(b / "x.txt") == "waits for the lock", timeout=15, message="the sync after release")
 
 
 def test_offline_changes_stay_queued_and_go_out_when_the_server_returns(tmp_path: Path, server, daemons: Daemons):
@@ -180,29 +173,38 @@ def test_offline_changes_stay_queued_and_go_out_when_the_server_returns(tmp_path
 
 def test_inotify_overflow_leads_to_a_rescan_and_a_warning(tmp_path: Path, daemons: Daemons):
     """A stopped daemon misses a storm (kernel queue overflow); it warns, rescans, and misses nothing."""
-    root = make_ws(tmp_path / "w", files={"keep.txt": "k"})
-    pid = daemons.start(root)
-    wait_until(lambda: daemons.state(root).get("state") == "watching", timeout=10, message="the daemon to watch")
     limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    if limit > 65536:
+        pytest.skip(f"fs.inotify.max_queued_events is {limit}: too many files to write for an overflow")
+    # The storm's folder exists (and is watched) before the daemon stops reading its queue: a
+    # folder created meanwhile would be walked whole on its creation event, overflow or not.
+    root = make_ws(tmp_path / "w", files={"keep.txt": "k", "storm/seed.txt": "s"})
+    pid = daemons.start(root)
+    wait_until(lambda: daemons.state(root).get("state") == "watching", timeout=30, message="the daemon to watch")
+    count = limit // 3 + 500  # each file: create, modify, close: more events than the queue holds
     os.kill(pid, signal.SIGSTOP)  # nothing reads the inotify queue now
     try:
-        storm = root / "storm"
-        storm.mkdir()
-        for i in range(limit // 3 + 500):  # each file: create, modify, close
-            (storm / f"f{i}.txt").write_text(str(i))
+        for i in range(count):
+            (root / "storm" / f"f{i}.txt").write_text(str(i))
     finally:
         os.kill(pid, signal.SIGCONT)
-    count = limit // 3 + 500
+    count += 1  # seed.txt
 
     def all_journaled() -> bool:
         with Workspace(root) as ws:
             return len([p for p in ws.journal.local_index() if p.startswith("storm/")]) == count
 
-    wait_until(all_journaled, timeout=30, message="every file of the storm journaled")
-    log_text = Layout(root).daemon_log.read_text()
-    assert "overflow" in log_text.lower()
+    wait_until(all_journaled, timeout=60, message="every file of the storm journaled")
+
+    def rescan_warning() -> dict | None:
+        with Workspace(root) as ws:
+            notes = [e.payload for e in ws.recent_events(200, "log")]
+        return next((n for n in notes if n["code"] == "rescan" and n["level"] == "warning"), None)
+
+    # The rescan journals first and warns after, so the warning may trail the last file a moment.
+    warning = wait_until(rescan_warning, timeout=30, message="the rescan's warning on the log channel")
+    assert "overflow" in warning["message"]
+    assert "overflow" in Layout(root).daemon_log.read_text().lower()
     with Workspace(root) as ws:
-        notes = [e.payload for e in ws.recent_events(50, "log")]
         info = ws.daemon_info()
-    assert any(n["code"] == "rescan" and n["level"] == "warning" and "overflow" in n["message"] for n in notes)
     assert info.warning and "overflow" in info.warning
