@@ -1,0 +1,85 @@
+"""The journal's schema: numbered migrations recorded in user_version, each whole or not at all."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from syncengine.errors import JournalDamaged
+from syncengine.journal.db import migrate, open_sqlite, schema_version
+from tests.helpers import run_cli
+
+
+def _tables(path: Path) -> set[str]:
+    con = sqlite3.connect(path)
+    try:
+        return {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    finally:
+        con.close()
+
+
+def test_migrations_run_once_in_order_and_record_their_number(tmp_path: Path):
+    path = tmp_path / "j.db"
+    ran: list[int] = []
+
+    def step(n: int):
+        def run(db):
+            ran.append(n)
+            db.execute_sql(f"CREATE TABLE t{n} (x INTEGER)")
+
+        return run
+
+    db = open_sqlite(path)
+    assert migrate(db, [step(1), step(2)], path) == 2 and schema_version(db) == 2
+    assert migrate(db, [step(1), step(2)], path) == 2  # nothing to do the second time
+    assert migrate(db, [step(1), step(2), step(3)], path) == 3
+    db.close()
+    assert ran == [1, 2, 3] and {"t1", "t2", "t3"} <= _tables(path)
+
+
+def test_a_migration_that_fails_leaves_the_previous_version_whole(tmp_path: Path):
+    """Migration 2 creates a table, then fails: version stays 1 and the table is gone with it."""
+    path = tmp_path / "j.db"
+
+    def first(db):
+        db.execute_sql("CREATE TABLE t1 (x INTEGER)")
+
+    def broken(db):
+        db.execute_sql("CREATE TABLE t2 (x INTEGER)")
+        raise RuntimeError("killed midway")
+
+    db = open_sqlite(path)
+    migrate(db, [first], path)
+    with pytest.raises(RuntimeError):
+        migrate(db, [first, broken], path)
+    assert schema_version(db) == 1
+    db.close()
+    assert "t1" in _tables(path) and "t2" not in _tables(path)
+
+
+def test_a_journal_from_a_newer_syncengine_exits_5_and_is_left_alone(sample_tree: Path):
+    """A schema version this syncengine does not know: exit 5 naming repair, the file untouched."""
+    assert run_cli("init", sample_tree).code == 0
+    journal = sample_tree / ".syncengine" / "journal.db"
+    con = sqlite3.connect(journal)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.execute("PRAGMA user_version = 999")
+    con.close()
+    before = journal.read_bytes()
+    result = run_cli("-C", sample_tree, "status")
+    assert result.code == 5 and result.stderr.count("\n") == 1
+    assert "999" in result.stderr and "syncengine repair" in result.stderr
+    assert journal.read_bytes() == before
+    with pytest.raises(JournalDamaged):
+        migrate(open_sqlite(journal), [lambda db: None], journal)
+
+
+def test_events_live_in_their_own_database(sample_tree: Path):
+    """journal.db holds the documents; progress and events go to events.db beside it."""
+    assert run_cli("init", sample_tree).code == 0
+    assert run_cli("-C", sample_tree, "status").code == 0  # reads running tasks from events.db
+    state = sample_tree / ".syncengine"
+    journal_tables, events_tables = _tables(state / "journal.db"), _tables(state / "events.db")
+    assert journal_tables and events_tables and not journal_tables & events_tables
