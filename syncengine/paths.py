@@ -10,6 +10,7 @@ three can never disagree about what may exist.
 from __future__ import annotations
 
 import os
+import re
 import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
@@ -126,7 +127,9 @@ class IgnoreRules:
 
     def _build(self, user_lines: Iterable[str]) -> pathspec.PathSpec:
         lines = [*DEFAULT_IGNORES, *self._extra, *user_lines]
-        return pathspec.GitIgnoreSpec.from_lines(lines)
+        spec = pathspec.GitIgnoreSpec.from_lines(lines)
+        self._any = _one_regex(spec)
+        return spec
 
     def refresh(self) -> bool:
         """Re-read .syncignore if it changed; True when the rules changed."""
@@ -150,8 +153,33 @@ class IgnoreRules:
 
     def ignored(self, path: str, *, is_dir: bool = False) -> bool:
         """True when ``path`` (relative) is ignored; pass is_dir for folders."""
-        return self._spec.match_file(path + "/" if is_dir else path)
+        path = path + "/" if is_dir else path
+        if self._any is not None:
+            return self._any.match(path) is not None
+        return self._spec.match_file(path)
 
     def ignored_name(self, name: str) -> bool:
         """Cheap check on a bare file name, for watcher events on temp files."""
-        return self._spec.match_file(name)
+        return self.ignored(name)
+
+
+def _one_regex(spec: pathspec.PathSpec) -> re.Pattern[str] | None:
+    """All the patterns as one alternation, when no pattern negates another.
+
+    Without a `!pattern`, "ignored" is simply "some pattern matches", and one
+    regex answers it in a single pass instead of one match per pattern (the
+    scanner asks for every file: 50,000 files x 16 patterns cost more than
+    the stat walk). With negations, order matters and pathspec decides.
+    """
+    active = [p for p in spec.patterns if p.include is not None]
+    if not active or not all(p.include and isinstance(getattr(p, "regex", None), re.Pattern) for p in active):
+        return None
+    # pathspec names a group in every pattern; an alternation may not repeat a name.
+    parts = [_NAMED_GROUP.sub("(?:", p.regex.pattern) for p in active]
+    try:
+        return re.compile("|".join(f"(?:{part})" for part in parts))
+    except re.error:
+        return None
+
+
+_NAMED_GROUP = re.compile(r"\(\?P<\w+>")

@@ -40,6 +40,8 @@ class Walk:
 
 
 def _name_problem(rel: str) -> str | None:
+    if rel.isascii():
+        return None  # the usual case, and both checks below pass for ASCII
     try:
         rel.encode("utf-8")
     except UnicodeEncodeError:
@@ -57,6 +59,9 @@ def walk(root: Path, ignore: IgnoreRules, only: list[str] | None = None) -> Walk
     journal knows inside it are not mistaken for deletions.
     """
     result = Walk()
+    files = result.files
+    ignored = ignore.ignored
+    stat_of = FileStat.of
     stack = [(root, "")] if not only else [(root / d, d) for d in only]
     while stack:
         folder, prefix = stack.pop()
@@ -82,16 +87,16 @@ def walk(root: Path, ignore: IgnoreRules, only: list[str] | None = None) -> Walk
                 continue  # vanished between listing and stat: the next scan sees it
             mode = st.st_mode
             if stat_mod.S_ISDIR(mode):
-                if not ignore.ignored(rel, is_dir=True):
+                if not ignored(rel, is_dir=True):
                     stack.append((Path(entry.path), rel))
                 continue
-            if not stat_mod.S_ISREG(mode) or ignore.ignored(rel):
+            if not stat_mod.S_ISREG(mode) or ignored(rel):
                 continue
             problem = _name_problem(rel)
             if problem:
                 result.problems.append(ScanProblem(rel.encode("utf-8", "replace").decode(), problem))
                 continue
-            result.files[rel] = FileStat.of(st)
+            files[rel] = stat_of(st)
     return result
 
 

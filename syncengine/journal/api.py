@@ -197,7 +197,10 @@ class Journal:
         """path -> (doc_id, hash, size, mtime_ns, ctime_ns, inode, mode, kind) of present files."""
         D = self.m.Document
         query = D.select(D.path, D.doc_id, D.hash, D.size, D.mtime_ns, D.ctime_ns, D.inode, D.mode, D.kind)
-        return {row[0]: row[1:] for row in query.where(D.path.is_null(False)).tuples()}
+        # Straight from the cursor: peewee's per-column converters cost more
+        # than the whole stat walk on 50,000 files, and these columns are plain.
+        sql, params = query.where(D.path.is_null(False)).sql()
+        return {row[0]: row[1:] for row in self.db.execute_sql(sql, params)}
 
     @_translated
     def count_present(self) -> int:
