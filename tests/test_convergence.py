@@ -1,0 +1,489 @@
+"""Convergence under random concurrent edits and faults (RELIABILITY: safety and liveness).
+
+Three replicas and one real ``syncengine serve`` process, with the fault
+proxy of the wire tests between them. A seeded ``random.Random`` drives
+creates, edits (different and identical JSON fields, text lines, binaries),
+deletes, moves, chmods and syncs in random order, and injects faults: the
+server restarted (and unreachable meanwhile), connections dropped after the
+server answered but before the replica heard (mid-batch: the commit or
+upload landed, its answer is lost), and `syncengine sync` processes killed
+with SIGKILL at a random failpoint.
+
+Afterwards every replica syncs until a round does nothing, and then:
+
+* every replica holds exactly the server's listing, byte for byte, with its
+  executable bits (liveness);
+* every write is still somewhere: each write puts a unique token into the
+  content, and each token is in a final file (conflict copies included), in
+  a replica's blob store (bases, snapshots, conflict losers) or in the
+  server's change log (safety). A write its own replica overwrote or deleted
+  before any sync of it completed is the user's own undo and is not
+  required (no engine without a watcher could have seen it); the others are.
+
+``make test`` runs a few seeds of a short run; ``make soak`` runs thousands
+of steps (``SYNCENGINE_SOAK_STEPS``, ``SYNCENGINE_SOAK_SEED``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from syncengine import Workspace
+from syncengine.blobs import BlobStore
+from syncengine.errors import GuardError, RemoteError
+from syncengine.remote import HttpRemote
+from tests.replicas import ServeProcess
+from tests.server.conftest import FaultProxy
+from tests.synckit import Kit, Replica
+
+pytestmark = pytest.mark.integration
+
+FAILPOINTS = (
+    "sync.after_scan", "sync.after_pull", "push.after_upload", "push.before_commit", "push.after_commit",
+    "push.after_record", "apply.after_temp", "apply.after_aside", "apply.after_rename", "apply.after_write",
+    "apply.after_move", "apply.after_delete", "apply.after_copy", "apply.before_journal",
+)
+FOLDERS = ("", "docs/", "notes/", "bin/")
+FIELDS = ("title", "owner", "status", "body", "tags")
+TOKEN = re.compile(rb"T[0-9a-f]+x[0-9]{6}Z")
+
+
+# ---------------------------------------------------------------- the server and the wire
+
+
+class Server:
+    """A real `syncengine serve` on a fixed port and data dir, so it can be stopped and started again."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.data = tmp / "server-data"
+        self.data.mkdir(parents=True)
+        self.log = tmp / "serve.log"
+        self.proc: ServeProcess | None = None
+        self.port = 0
+        self.restarts = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        proc = ServeProcess(self.data, self.log)
+        if self.port:
+            proc.port = self.port  # the proxy in front keeps its upstream
+        self.port = proc.port
+        self.proc = proc.__enter__()
+
+    def stop(self) -> None:
+        assert self.proc is not None
+        self.proc.__exit__(None, None, None)
+        self.proc = None
+
+    def token(self, workspace: str) -> str:
+        assert self.proc is not None
+        return self.proc.token(workspace)
+
+
+class DropAnswer(ConnectionAbortedError):
+    """Raised inside the proxy: the connection closes without the upstream's answer."""
+
+
+class Wire:
+    """The fault proxy of the wire tests, armed to drop the connection of the Nth matching request."""
+
+    MIDBATCH = ("/commit", "/blobs/pack", "/blobs/unpack", "/blobs/missing", "/changes", "/docs")
+
+    def __init__(self, upstream: str) -> None:
+        self.proxy = FaultProxy(upstream).start()
+        self.proxy._httpd.handle_error = lambda *_a: None  # a dropped connection is the point, not news
+        self.countdown = 0
+        self.suffix = ""
+        self.dropped = 0
+        self.proxy.rewrites.append(self._rewrite)
+
+    @property
+    def url(self) -> str:
+        return self.proxy.url
+
+    def arm(self, nth: int, suffix: str) -> None:
+        self.countdown, self.suffix = nth, suffix
+
+    def disarm(self) -> None:
+        self.countdown = 0
+
+    def _rewrite(self, method: str, path: str, status: int, headers: dict, body: bytes):
+        if self.countdown and path.split("?")[0].endswith(self.suffix):
+            self.countdown -= 1
+            if self.countdown == 0:
+                self.dropped += 1
+                raise DropAnswer("injected: connection dropped after the server answered")
+        return None
+
+    def close(self) -> None:
+        self.proxy.stop()
+
+
+# ---------------------------------------------------------------- the ledger
+
+
+@dataclass
+class Ledger:
+    """Every token written, and which of them must survive."""
+
+    seed: int
+    count: int = 0
+    required: set[bytes] = field(default_factory=set)
+    unsynced: dict[str, set[bytes]] = field(default_factory=dict)  # replica -> tokens written since its last sync
+    undone: int = 0  # tokens overwritten by their own replica before any sync of it completed
+
+    def token(self, replica: str) -> str:
+        self.count += 1
+        tok = f"T{self.seed:x}x{self.count:06d}Z"
+        self.unsynced.setdefault(replica, set()).add(tok.encode())
+        return tok
+
+    def before_sync(self, replica: str, on_disk: set[bytes]) -> set[bytes]:
+        """Tokens this replica wrote that a round starting now will see; the rest were undone by the user."""
+        mine = self.unsynced.get(replica, set())
+        gone = {t for t in mine if t not in on_disk}
+        self.undone += len(gone)
+        mine -= gone
+        return set(mine)
+
+    def synced(self, replica: str, seen: set[bytes]) -> None:
+        self.required |= seen
+        self.unsynced.get(replica, set()).difference_update(seen)
+
+
+def tokens_in(tree: dict[str, bytes]) -> set[bytes]:
+    return {t for data in tree.values() for t in TOKEN.findall(data)}
+
+
+# ---------------------------------------------------------------- the run
+
+
+class Run:
+    """One seeded run: the replicas, the faults, and the steps that drive them."""
+
+    def __init__(self, tmp: Path, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.seed = seed
+        self.tmp = tmp
+        self.server = Server(tmp)
+        self.server.start()
+        self.wire = Wire(self.server.url)
+        self.kit = Kit(tmp, self.server, url=self.wire.url)
+        self.workspace = self.kit.ws
+        self.replicas = [self.kit.replica(name=f"r{i}", retries=2) for i in range(3)]
+        self.ledger = Ledger(seed)
+        self.names = 0
+        self.stats: dict[str, int] = {}
+
+    def close(self) -> None:
+        self.wire.close()
+        if self.server.proc is not None:
+            self.server.stop()
+
+    def note(self, what: str) -> None:
+        self.stats[what] = self.stats.get(what, 0) + 1
+
+    def name(self, r: Replica) -> str:
+        return r.root.name
+
+    # ------------------------------------------------------------ user actions
+
+    def files(self, r: Replica, ext: str | None = None) -> list[str]:
+        return sorted(p for p in r.tree() if ext is None or p.endswith(ext))
+
+    def create(self, r: Replica) -> None:
+        self.names += 1
+        kind = self.rng.choice(["json", "md", "bin"])
+        rel = f"{self.rng.choice(FOLDERS)}{kind}{self.names}.{kind}"
+        if kind == "json":
+            doc = {f: self.ledger.token(self.name(r)) for f in FIELDS}
+            data = (json.dumps(doc, indent=2) + "\n").encode()
+        elif kind == "md":
+            data = "".join(f"line {self.ledger.token(self.name(r))}\n" for _ in range(6)).encode()
+        else:
+            data = self._binary(r)
+        r.write(rel, data)
+        self.note("create")
+
+    def _binary(self, r: Replica) -> bytes:
+        tok = self.ledger.token(self.name(r)).encode()
+        return b"\x00\x01" + self.rng.randbytes(300) + tok + self.rng.randbytes(200)
+
+    def edit_json(self, r: Replica, value: str | None = None, rel: str | None = None, key: str | None = None) -> bool:
+        docs = [p for p in self.files(r, ".json") if ".conflict-" not in p]
+        rel = rel or (self.rng.choice(docs) if docs else None)
+        if rel is None or not (r.root / rel).exists():
+            return False
+        try:
+            doc = json.loads(r.read(rel))
+        except ValueError:
+            return False
+        doc[key or self.rng.choice(FIELDS)] = value or self.ledger.token(self.name(r))
+        r.write(rel, json.dumps(doc, indent=2) + "\n")
+        self.note("edit-json")
+        return True
+
+    def same_json_edit(self) -> None:
+        """Two replicas set the same field of the same document to the same value: identical, not conflicting."""
+        a, b = self.rng.sample(self.replicas, 2)
+        common = sorted(set(self.files(a, ".json")) & set(self.files(b, ".json")))
+        common = [p for p in common if ".conflict-" not in p]
+        if not common:
+            return
+        rel, key = self.rng.choice(common), self.rng.choice(FIELDS)
+        value = self.ledger.token(self.name(a))
+        self.ledger.unsynced.setdefault(self.name(b), set()).add(value.encode())
+        if self.edit_json(a, value, rel, key) and self.edit_json(b, value, rel, key):
+            self.note("same-json-edit")
+
+    def edit_text(self, r: Replica) -> None:
+        texts = self.files(r, ".md")
+        if not texts:
+            return
+        rel = self.rng.choice(texts)
+        lines = r.read(rel).decode(errors="replace").splitlines(keepends=True)
+        new = f"line {self.ledger.token(self.name(r))}\n"
+        at = self.rng.randrange(len(lines) + 1)
+        if lines and at < len(lines) and self.rng.random() < 0.6:
+            lines[at] = new
+        else:
+            lines.insert(at, new)
+        r.write(rel, "".join(lines))
+        self.note("edit-text")
+
+    def edit_binary(self, r: Replica) -> None:
+        bins = self.files(r, ".bin")
+        if bins:
+            r.write(self.rng.choice(bins), self._binary(r))
+            self.note("edit-binary")
+
+    def delete(self, r: Replica) -> None:
+        files = self.files(r)
+        if len(files) > 3:
+            r.delete(self.rng.choice(files))
+            self.note("delete")
+
+    def move(self, r: Replica) -> None:
+        files = self.files(r)
+        if not files:
+            return
+        old = self.rng.choice(files)
+        name = old.rsplit("/", 1)[-1]
+        if self.rng.random() < 0.5:
+            stem, ext = name.split(".", 1)
+            name = f"{stem}m{self.rng.randrange(100)}.{ext}"
+        new = self.rng.choice(FOLDERS) + name
+        if new != old and not (r.root / new).exists():
+            r.move(old, new)
+            self.note("move")
+
+    def chmod(self, r: Replica) -> None:
+        files = self.files(r)
+        if files:
+            rel = self.rng.choice(files)
+            r.chmod_x(rel, not r.executable(rel))
+            self.note("chmod")
+
+    # ------------------------------------------------------------ syncing and faults
+
+    def sync(self, r: Replica, quiet_check: bool = False):
+        """One round through the API; a fault answered with exit 3 is fine, the changes stay queued."""
+        seen = self.ledger.before_sync(self.name(r), tokens_in(r.tree()))
+        try:
+            try:
+                report = r.sync()
+            except GuardError:
+                self.note("guard")
+                report = r.sync(force=True)  # every deletion here is one the test made on purpose
+        except RemoteError:
+            self.note("sync-failed")
+            return None
+        self.ledger.synced(self.name(r), seen)
+        self.note("sync")
+        return report
+
+    def killed_sync(self, r: Replica, points: tuple[str, ...] = FAILPOINTS) -> None:
+        """`syncengine sync` as a real process, SIGKILLed at a random failpoint (if the round gets there)."""
+        self.ledger.before_sync(self.name(r), tokens_in(r.tree()))
+        point = f"{self.rng.choice(points)}:{self.rng.choice([1, 1, 1, 2, 3])}"
+        result = r.proc("sync", SYNCENGINE_FAILPOINT=point)
+        assert result.code in (-9, 0, 1, 3), f"{point}: exit {result.code}: {result.stderr[-2000:]}"
+        self.note(f"killed at {point}" if result.code == -9 else f"kill missed (exit {result.code})")
+
+    def drop_next(self) -> None:
+        self.wire.arm(self.rng.randint(1, 3), self.rng.choice(Wire.MIDBATCH))
+        self.note("drop-armed")
+
+    def restart_server(self) -> None:
+        self.server.stop()
+        r = self.rng.choice(self.replicas)
+        if self.sync(r) is not None:  # the server is down: the round must fail with exit 3
+            raise AssertionError("a sync succeeded while the server was down")
+        self.server.start()
+        self.server.restarts += 1
+        self.note("restart")
+
+    # ------------------------------------------------------------ the random walk
+
+    def step(self) -> None:
+        rng = self.rng
+        r = rng.choice(self.replicas)
+        roll = rng.random()
+        if roll < 0.14:
+            self.create(r)
+        elif roll < 0.32:
+            self.edit_json(r)
+        elif roll < 0.43:
+            self.edit_text(r)
+        elif roll < 0.48:
+            self.edit_binary(r)
+        elif roll < 0.52:
+            self.same_json_edit()
+        elif roll < 0.57:
+            self.delete(r)
+        elif roll < 0.62:
+            self.move(r)
+        elif roll < 0.64:
+            self.chmod(r)
+        elif roll < 0.88:
+            self.sync(r)
+        elif roll < 0.95:
+            self.drop_next()
+        elif roll < 0.985:
+            self.killed_sync(r)
+        else:
+            self.restart_server()
+
+    def walk(self, steps: int) -> None:
+        # Every fault at least once per run, at seeded places among the random steps.
+        forced = {rng_step: fault for rng_step, fault in zip(
+            self.rng.sample(range(steps), 3), ("restart", "kill", "drop"), strict=True)}
+        for i in range(steps):
+            fault = forced.get(i)
+            if fault == "restart":
+                self.restart_server()
+            elif fault == "kill":  # a round with work to push, killed on its way
+                r = self.rng.choice(self.replicas)
+                self.create(r)
+                self.killed_sync(r, ("sync.after_scan", "push.after_upload", "push.before_commit",
+                                     "push.after_commit", "push.after_record"))
+            elif fault == "drop":
+                self.drop_next()
+            self.step()
+
+    def settle(self, max_rounds: int = 12) -> None:
+        """Heal the wire, then sync every replica in turn until a whole pass of rounds does nothing."""
+        self.wire.disarm()
+        for _ in range(max_rounds):
+            busy = False
+            for r in self.replicas:
+                report = self.sync(r)
+                if report is None or report.downloaded or report.pushed or report.deleted or report.moved \
+                        or report.problems:
+                    busy = True
+            if not busy:
+                return
+        raise AssertionError(f"seed {self.seed}: not quiet after {max_rounds} passes")
+
+    # ------------------------------------------------------------ the checks
+
+    def server_state(self) -> tuple[dict[str, tuple[str, bool]], bytes]:
+        """The server's listing (path -> (hash, executable)) and every blob its change log names."""
+        with HttpRemote(self.server.url, self.workspace, self.replicas[0].token, retries=2) as remote:
+            listing: dict[str, tuple[str, bool]] = {}
+            after = None
+            while True:
+                page = remote.docs(after=after, limit=1000)
+                listing.update({d.path: (d.hash, d.executable) for d in page.docs})
+                if page.next is None:
+                    break
+                after = page.next
+            hashes, since = set(), 0
+            while True:
+                changes = remote.changes(since, 1000)
+                hashes |= {c.hash for c in changes.changes if c.hash}
+                if not changes.more:
+                    break
+                since = changes.changes[-1].seq
+            history = b"\n".join(remote.get(h) for h in sorted(hashes))
+        return listing, history
+
+    def check(self) -> None:
+        listing, server_history = self.server_state()
+        for r in self.replicas:
+            tree = r.tree()
+            assert set(tree) == set(listing), (
+                f"seed {self.seed}: {self.name(r)} differs from the server: "
+                f"only here {sorted(set(tree) - set(listing))}, only there {sorted(set(listing) - set(tree))}")
+            for path, (digest, executable) in listing.items():
+                assert hashlib.sha256(tree[path]).hexdigest() == digest, f"seed {self.seed}: {path} on {self.name(r)}"
+                assert r.executable(path) == executable, f"seed {self.seed}: mode of {path} on {self.name(r)}"
+            assert r.leftovers() == [] and r.journal_ok(), f"seed {self.seed}: {self.name(r)} is not clean"
+        corpus = [server_history, *self.replicas[0].tree().values()]
+        for r in self.replicas:
+            with Workspace(r.root) as ws:
+                store: BlobStore = ws.blobs
+                corpus += [store.get(d) for d in store.iter_digests()]
+        found = {t for blob in corpus for t in TOKEN.findall(blob)}
+        lost = sorted(self.ledger.required - found)
+        assert not lost, f"seed {self.seed}: {len(lost)} write(s) silently lost: {lost[:10]}"
+
+
+@pytest.fixture
+def run_for(tmp_path):
+    made: list[Run] = []
+
+    def make(seed: int) -> Run:
+        run = Run(tmp_path / f"seed{seed}", seed)
+        made.append(run)
+        return run
+
+    yield make
+    for run in made:
+        run.close()
+
+
+def _one_run(run_for, seed: int, steps: int) -> Run:
+    run = run_for(seed)
+    run.walk(steps)
+    run.settle()
+    run.check()
+    assert run.ledger.required, "the run wrote nothing that had to survive"
+    copies = sum(".conflict-" in p for p in run.replicas[0].tree())
+    print(f"seed {seed}: {run.stats}, {len(run.ledger.required)} writes kept, {run.ledger.undone} undone, "
+          f"{run.wire.dropped} answers dropped, {copies} conflict copies")
+    return run
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_three_replicas_converge_under_faults_and_lose_no_write(run_for, seed):
+    """A short seeded random run with every fault ends with replicas equal to the server and every write kept."""
+    run = _one_run(run_for, seed, steps=100)
+    assert run.stats.get("restart") and run.stats.get("drop-armed"), run.stats
+    assert any(k.startswith("killed") for k in run.stats), run.stats
+
+
+@pytest.mark.soak
+def test_soak_thousands_of_random_steps_converge_and_lose_no_write(run_for):
+    """The long run (SYNCENGINE_SOAK_STEPS, default 3000; SYNCENGINE_SOAK_SEED) holds the same promises."""
+    steps = int(os.environ.get("SYNCENGINE_SOAK_STEPS", "3000"))
+    seed = int(os.environ.get("SYNCENGINE_SOAK_SEED", "20261126"))
+    run = run_for(seed)
+    checkpoint = max(steps // 10, 100)
+    for done in range(0, steps, checkpoint):
+        run.walk(min(checkpoint, steps - done))
+        run.settle()  # converge and check every so often, so a failure names a short stretch
+        run.check()
+    print(f"soak seed {seed}: {steps} steps, {run.stats}, {len(run.ledger.required)} writes kept, "
+          f"{run.ledger.undone} undone by their own replica before a sync")
