@@ -196,3 +196,26 @@ def test_an_oversized_answer_is_refused_and_nothing_changes(kit, proxy):
     assert b.read("doc.md") == b"1\n" and b.leftovers() == []
     proxy.rewrites.clear()
     assert b.cli("sync").code == 0 and b.read("doc.md") == b"2\n"
+
+
+def test_request_bodies_over_1024_bytes_go_gzipped(kit, proxy):
+    """Blob uploads and commits above 1024 bytes are gzipped on the wire; small bodies go plain."""
+    import gzip
+
+    a = kit.replica({"big.json": json.dumps({"rows": list(range(2000))}) + "\n"}, url=proxy.url)
+    a.sync()
+    a.write("tiny.txt", "t\n")
+    a.sync()
+    sent = []
+    for _method, path, headers, body in proxy.received:
+        if not body:
+            continue
+        gzipped = {k.lower(): v for k, v in headers.items()}.get("content-encoding") == "gzip"
+        plain = gzip.decompress(body) if gzipped else body
+        assert gzipped is (len(plain) > 1024), (path, gzipped, len(plain))
+        assert not gzipped or len(body) < len(plain), path
+        sent.append((path.split("?")[0].rsplit("/", 2)[-2:], gzipped))
+    assert any(where[0] == "blobs" or where[-1] == "pack" for where, gzipped in sent if gzipped), sent
+    assert any(not gzipped for _where, gzipped in sent), sent
+    accepted = [{k.lower(): v for k, v in h.items()}.get("accept-encoding", "") for _m, _p, h, _b in proxy.received]
+    assert all("gzip" in a for a in accepted)  # and answers may come gzipped

@@ -105,13 +105,15 @@ class FaultProxy:
     ``fail(n, status, headers)`` answers the next n requests itself;
     ``rewrites`` may replace an upstream answer (method, path, status,
     headers, body) -> (status, headers, body) or None to keep it.
-    ``requests`` counts what reached the proxy.
+    ``seen`` lists what reached the proxy (method, path); ``received`` the
+    same with the request's headers and raw body, as the client sent them.
     """
 
     upstream: str
     failures: list[tuple[int, dict[str, str]]] = field(default_factory=list)
     rewrites: list[Rewrite] = field(default_factory=list)
     seen: list[tuple[str, str]] = field(default_factory=list)
+    received: list[tuple[str, str, dict[str, str], bytes]] = field(default_factory=list)
     port: int = 0
     _httpd: Any = None
     _thread: threading.Thread | None = None
@@ -149,6 +151,7 @@ class FaultProxy:
             def _handle(self) -> None:
                 body = self._body()
                 proxy.seen.append((self.command, self.path))
+                proxy.received.append((self.command, self.path, dict(self.headers.items()), body))
                 if proxy.failures:
                     status, headers = proxy.failures.pop(0)
                     payload = b'{"error":"injected","message":"injected failure"}'
