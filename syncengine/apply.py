@@ -256,8 +256,9 @@ def _resolve(ctx: Context, row: DocRow, action: Action, local: Version, remote: 
                 raise
         failpoint("apply.after_copy")
         ctx.result.copies.append(copy_path)
-    elif outcome.loser == "local" and not getattr(ctx, "_safety_snapshot", False):
-        # Autosave before an overwrite (DESIGN §2, STYLE 8); once per round.
+    elif outcome.loser and not getattr(ctx, "_safety_snapshot", False):
+        # Autosave before an overwrite (DESIGN §2, STYLE 8), and as the state
+        # a remote loser's snapshot builds on; once per round.
         from syncengine.history import take_snapshot
 
         take_snapshot(ctx.root, ctx.journal, ctx.blobs, message="before settling conflicts", trigger="safety",
@@ -269,6 +270,7 @@ def _resolve(ctx: Context, row: DocRow, action: Action, local: Version, remote: 
     elif outcome.loser == "remote":
         lost_size = len(remote_bytes)
         ctx.changes.append(_change(row, "modified", remote.path, digest=remote.hash, size=lost_size, origin="conflict"))
+        snapshot_loser(ctx.journal, remote.path, remote.hash, row.remote_mode, lost_size)
     new_hash = local.hash if outcome.data is None else ctx.blobs.put_bytes(outcome.data)
     before = len(ctx.changes)
     st = _materialise(ctx, row, local, path, new_hash, action.executable)
@@ -284,6 +286,22 @@ def _resolve(ctx: Context, row: DocRow, action: Action, local: Version, remote: 
         ctx.result.touched[path] = touched
     _record_conflict(ctx, row, kind, strategy, outcome.resolution, details=outcome.details or outcome.touched,
                      copy_path=copy_path, open_id=open_row["id"] if open_row else None)
+
+
+def snapshot_loser(journal: Journal, path: str, digest: str, mode: int | None, size: int) -> None:
+    """A ``conflict`` snapshot: the latest one with the server's losing version at ``path``.
+
+    The server's version never was a file here, so no ordinary snapshot
+    holds it; this one makes ``restore SNAPSHOT PATH`` bring it back, and
+    keeps its blob from ``gc`` as long as the snapshot lives. It changes
+    only ``path``: the rest of it is the safety snapshot the caller took
+    just before.
+    """
+    latest = journal.snapshots(limit=1)
+    files, total = (latest[0][4], latest[0][5]) if latest else (1, size)
+    journal.add_snapshot([(path, digest, mode, size)], trigger="conflict",
+                         message=f"{path}: the server's version, which lost a conflict",
+                         files=files, total_bytes=total, upto_seq=journal.last_change_seq())
 
 
 def _record_conflict(ctx: Context, row: DocRow, kind: ConflictKind, strategy: str, resolution: str | None, *,

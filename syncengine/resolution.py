@@ -111,11 +111,16 @@ def _settle(ws: Workspace, row: DocRow, conflict: dict[str, Any], take: str | No
         chosen, loser = _merged(ws, row, conflict, local_bytes, remote_bytes, server), None
     else:
         chosen, loser = local_bytes, remote
-    if local is not None and local.present and (chosen is None or sha256(chosen) != local.hash):
-        # The local file is about to be overwritten or removed: autosave it
-        # first, so `restore` brings it back (DESIGN §2, STYLE 8).
+    overwrites = local is not None and local.present and (chosen is None or sha256(chosen) != local.hash)
+    remote_lost = loser is remote and remote.present and remote_bytes is not None
+    if overwrites or remote_lost:
+        # Autosave first, so `restore` brings back a local file about to be
+        # overwritten or removed (DESIGN §2, STYLE 8); a losing server
+        # version gets a conflict snapshot on top of that state.
         take_snapshot(ws.root, ws.journal, ws.blobs, message=f"before resolving {conflict['path']}",
                       trigger="safety", skip_if_unchanged=True)
+    if remote_lost and (chosen is None or sha256(chosen) != remote.hash):
+        applying.snapshot_loser(ws.journal, remote.path, remote.hash, row.remote_mode, len(remote_bytes))
     ctx = applying.Context(ws.root, ws.journal, ws.blobs, ws.journal.client_id, None, None)
     if loser is not None and loser.present and (chosen is None or loser.hash != sha256(chosen)):
         lost = applying._change(row, "modified", loser.path, digest=loser.hash, size=ws.blobs.size(loser.hash),

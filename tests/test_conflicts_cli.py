@@ -168,3 +168,12 @@ def test_sync_output_names_an_open_conflict_as_open(net):
     assert result.code == 1
     line = next(x for x in result.stdout.splitlines() if "conflict both-modified" in x)
     assert "None" not in line and "open" in line
+
+
+def test_resolve_take_local_keeps_the_remote_loser_restorable(net):
+    """resolve --take local leaves a conflict snapshot from which restore brings the server's version back."""
+    a, b = manual_conflict(net, {**DOC, "title": "A"}, {**DOC, "title": "B"})
+    assert cli(b, "resolve", "plan.json", "--take", "local").code == 0
+    lost = next(s for s in b.snapshots() if s.trigger == "conflict")
+    assert cli(b, "restore", str(lost.id), "plan.json").code == 0
+    assert (b.root / "plan.json").read_bytes() == (a.root / "plan.json").read_bytes()

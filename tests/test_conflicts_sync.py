@@ -214,6 +214,22 @@ def test_local_wins_logs_the_remote_loser(net):
     assert json.loads(net.settle(a, b)["plan.json"])["title"] == "B"
 
 
+@pytest.mark.parametrize("strategy", ["local", "newest"])
+def test_a_remote_loser_is_restorable(net, strategy):
+    """When the local version wins, a conflict snapshot names the server's version: restore brings it back."""
+    a, b = net.replicas_of({**KEEP, "plan.json": jtext(ZONES)}, 2)
+    write(a, "plan.json", edited(ZONES, title="A"))
+    a.sync()
+    write(b, "plan.json", edited(ZONES, title="B"))  # after A's push: the newer one
+    b.sync(strategy=strategy)
+    assert load(b, "plan.json")["title"] == "B"
+    lost = next(s for s in b.snapshots() if s.trigger == "conflict")
+    assert "plan.json" in lost.message
+    b.restore(lost.id, ["plan.json"])
+    assert (b.root / "plan.json").read_bytes() == (a.root / "plan.json").read_bytes()
+    assert (b.root / "keep.md").read_text() == KEEP["keep.md"]
+
+
 _EXAMPLES = itertools.count()  # a fresh server workspace per example
 FIELDS = ["title", "meta__owner", "meta__updated_at", "zones__z1__text", "zones__z2__text", "zones__z3__text"]
 
