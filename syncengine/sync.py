@@ -131,6 +131,7 @@ def sync_once(
     cfg = ws.config
     strategy_for = _strategy_lookup(ws, strategy)
     pct = cfg.sync.max_delete if max_delete is None else max_delete
+    _check_root(ws)
     with FileLock(ws.layout.sync_lock, "sync").acquire(cfg.sync.wait if wait is None else wait):
         own_remote = remote is None
         remote = remote or ws.open_remote()
@@ -148,8 +149,7 @@ def _round(ws: Workspace, remote: Remote, strategy_for, pct: float, force: bool,
     journal = ws.journal
     cfg = ws.config
     client_id = journal.client_id
-    if not ws.root.is_dir():
-        raise RootMissing(f"the workspace folder {ws.root} is gone", hint="is it unmounted?")
+    _check_root(ws)
     leftovers.recover(ws.root)
     scan = ws.scan()
     failpoint("sync.after_scan")
@@ -208,6 +208,12 @@ def _round(ws: Workspace, remote: Remote, strategy_for, pct: float, force: bool,
         conflicts=tuple(ws.conflict_infos(applied.resolved)), open_conflicts=len(journal.open_conflicts()),
         copies=tuple(applied.copies), problems=tuple(problems), scan=scan, passes=passes,
         seconds=round(time.monotonic() - started, 3))
+
+
+def _check_root(ws: Workspace) -> None:
+    """A root that vanished under an open workspace (moved, unmounted) is never read as deletions."""
+    if not ws.root.is_dir() or not ws.layout.state.is_dir():
+        raise RootMissing(f"the workspace folder {ws.root} is gone", hint="is it unmounted? nothing was synced")
 
 
 def remote_url(ws: Workspace) -> str:

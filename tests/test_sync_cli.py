@@ -314,3 +314,25 @@ def test_a_crash_exits_70_with_the_traceback_only_in_crash_log(kit):
     assert a.proc("sync").code == 0
     b.sync()
     assert assert_converged(a, b) == {"a.md": b"a v2\n", "new.md": b"new\n"}
+
+
+def test_a_vanished_root_under_an_open_workspace_is_never_read_as_deletions(kit, tmp_path):
+    """The folder moved away (or unmounted) under an open Workspace, as under the daemon: RootMissing, nothing sent."""
+    from syncengine import Workspace
+    from syncengine.errors import RootMissing
+
+    a = kit.replica({"one.md": "1\n", "two.md": "2\n"})
+    b = kit.replica()
+    converge(a, b)
+    log = kit.log()
+    with Workspace(a.root) as ws:
+        os.rename(a.root, tmp_path / "away")
+        with pytest.raises(RootMissing) as info:
+            ws.sync()
+        assert info.value.exit_code == 6
+        os.rename(tmp_path / "away", a.root)
+        assert kit.log() == log
+        report = ws.sync()
+        assert not (report.pushed or report.deleted)
+    b.sync()
+    assert assert_converged(a, b) == {"one.md": b"1\n", "two.md": b"2\n"}
