@@ -145,7 +145,11 @@ class LiveClient(threading.Thread):
             raise
 
     def _session(self) -> None:
-        conn = self._connect()
+        # Entered as a context manager: websockets >= 17.1 deprecates using connect()'s result bare.
+        with self._connect() as conn:
+            self._run_session(conn)
+
+    def _run_session(self, conn) -> None:
         with self._lock:
             self._conn = conn
         try:
