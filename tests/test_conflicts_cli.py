@@ -55,6 +55,8 @@ def test_manual_lists_fields_then_resolve_remote_converges(net):
     settled = cli(b, "resolve", "plan.json", "--take", "remote", "--json")
     assert settled.code == 0, settled.stderr
     assert settled.json()["resolution"] == "remote"
+    events = [json.loads(p) for *_x, p in b.events.read(channels=("zones",))]
+    assert {"path": "plan.json", "fields": ["title"], "origin": "resolve"}.items() <= events[-1].items()
     assert cli(b, "conflicts", "--json").json() == []
     assert cli(b, "sync").code == 0
     assert json.loads(net.settle(a, b)["plan.json"])["title"] == "A"

@@ -253,3 +253,17 @@ def test_property_disjoint_field_edits_converge_with_both_present(server, tmp_pa
         assert json.loads(tree["plan.json"]) == edited(ZONES, **values)
     finally:
         net.close()
+
+
+@pytest.mark.parametrize(("strategy", "newer_side", "fields"), [
+    ("merge", "a", ["title"]), ("keep-both", "a", ["title"]), ("remote", "a", ["title"]),
+    ("newest", "a", ["title"]), ("newest", "b", None), ("local", "a", None)])
+def test_every_strategy_that_changes_the_file_publishes_its_zones(net, strategy, newer_side, fields):
+    """A strategy that rewrites the local file tells the zones channel which fields; one that keeps it: nothing."""
+    a, b = net.replicas_of({**KEEP, "plan.json": jtext(ZONES)}, 2)
+    edit_in_order(a, b, {"a": edited(ZONES, title="A"), "b": edited(ZONES, title="B")},
+                  "b" if newer_side == "a" else "a")
+    b.sync(strategy=strategy)
+    events = [e for e in zone_events(b) if e["path"] == "plan.json"]
+    assert events == ([] if fields is None else [{"path": "plan.json", "fields": fields, "origin": "merge",
+                                                  "doc_id": b.journal.doc_by_path("plan.json").doc_id}])
