@@ -203,3 +203,23 @@ def test_a_sync_killed_mid_round_is_finished_by_the_next(served, point):
     log = served.log()
     no_duplicate_revisions(log)
     assert len(log) == 4 + 2 + 2  # the first upload, b's edit and deletion, a's edit and creation
+
+
+def test_tokens_are_stored_hashed_and_open_only_their_workspace(storage):
+    """`token create` on either storage keeps no token in the database; a token opens its workspace only."""
+    from syncengine.server.storage import Storage
+
+    tokens = {}
+    for ws in ("one", "two"):
+        result = run_proc("token", "create", "-w", ws, *storage.cli_args())
+        assert result.code == 0, result.stderr
+        tokens[ws] = result.stdout.strip()
+    db = Storage(storage.db_url, storage.data_dir)
+    try:
+        with db.db.connection_context():
+            rows = [str(row) for row in db.m.Token.select().tuples()]
+        assert len(rows) == 2 and not any(token in row for row in rows for token in tokens.values())
+        assert db.authenticate(tokens["one"])[1] == "one" and db.authenticate(tokens["two"])[1] == "two"
+        assert db.authenticate(tokens["one"] + "x") is None
+    finally:
+        db.close()
