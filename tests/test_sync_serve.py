@@ -4,7 +4,8 @@ Everything here is a real process, as a person would run it: `serve` (with
 ``--data`` or ``--db postgresql://...``), `token create`, `init`, and each
 `sync`. These are the main paths only — a first sync, a round of every kind of
 change each way, a conflict, and a sync killed mid-round then run again; the
-many variations run in-process on SQLite in test_sync*.py. The PostgreSQL
+many variations run in-process on SQLite in test_sync*.py. Two `serve` processes
+on one PostgreSQL carry one workspace too. The PostgreSQL
 variants run when SYNCENGINE_TEST_PG_DSN is set (`.ci/run` sets it).
 """
 
@@ -223,3 +224,29 @@ def test_tokens_are_stored_hashed_and_open_only_their_workspace(storage):
         assert db.authenticate(tokens["one"] + "x") is None
     finally:
         db.close()
+
+
+@pytest.mark.postgres
+def test_two_serve_processes_on_one_postgresql_carry_one_workspace(pg_dsn, tmp_path):
+    """A syncs through one `serve`, B through another, both on the same PostgreSQL: they converge exactly."""
+    with (
+        ServeProcess(tmp_path / "d1", tmp_path / "serve-1.log", "--log-level", "warning", db_url=pg_dsn) as one,
+        ServeProcess(tmp_path / "d2", tmp_path / "serve-2.log", "--log-level", "warning", db_url=pg_dsn) as two,
+    ):
+        served = Served(one, tmp_path)
+        a = served.workspace("a", DOCS)
+        served.server = two  # B is made against, and syncs through, the second server
+        b = served.workspace("b")
+        a.sync()
+        assert sorted(b.sync()["downloaded"]) == sorted(DOCS)
+        make_tree(b.root, {"notes/today.md": "# Today\n\nfrom b via two\n", "b.md": "b\n"})
+        (b.root / "notes/old.md").unlink()
+        b.sync()
+        make_tree(a.root, {"data/list.yaml": "items:\n  - one\n  - two\n  - three (a via one)\n"})
+        a.sync()
+        b.sync()
+        assert a.tree() == b.tree() and b"from b via two" in a.tree()["notes/today.md"]
+        assert _nothing_to_do(a.sync()) and _nothing_to_do(b.sync())
+        log = served.log()
+        no_duplicate_revisions(log)
+        assert [c.seq for c in log] == list(range(1, len(DOCS) + 4 + 1))
