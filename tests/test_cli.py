@@ -187,3 +187,37 @@ def test_json_output_is_one_document(ws_root: Path):
     """--json output parses as exactly one JSON document."""
     out = run_cli("-C", ws_root, "snapshots", "--json").stdout
     json.loads(out)
+
+
+def test_log_path_and_limit_from_a_subfolder(ws_root: Path):
+    """`log PATH` is relative to the current folder and shows that document only; -n caps the entries."""
+    notes = ws_root / "notes"
+    for n in range(3):
+        (notes / "todo.md").write_text(f"# To do\n\n- step {n}\n")
+        assert run_cli("-C", notes, "status").code == 0
+    entries = run_cli("-C", notes, "log", "todo.md", "--json").json()
+    assert {e["path"] for e in entries} == {"notes/todo.md"}
+    assert [e["op"] for e in entries] == ["modified"] * 3 + ["created"]
+    assert len(run_cli("-C", notes, "log", "todo.md", "-n", "2", "--json").json()) == 2
+    assert len(run_cli("-C", ws_root, "log", "-n", "5", "--json").json()) == 5
+
+
+def test_diff_yaml_toml_fields_and_since_through_the_cli(ws_root: Path):
+    """YAML and TOML diff field by field; --since compares with an older snapshot; PATH narrows it."""
+    first = run_cli("-C", ws_root, "snapshot", "--json").json()["id"]
+    labels = ws_root / "config" / "labels.yaml"
+    labels.write_text(labels.read_text().replace("'#ee551e'", "'#000000'", 1))
+    run_cli("-C", ws_root, "snapshot")
+    export = ws_root / "config" / "export.toml"
+    export.write_text(export.read_text().replace("indent = 2", "indent = 4"))
+    recent = run_cli("-C", ws_root / "config", "diff", "--json").json()
+    assert [d["path"] for d in recent] == ["config/export.toml"]
+    assert [(f["path"], f["old"], f["new"]) for f in recent[0]["fields"]] == [("export.indent", 2, 4)]
+    since = run_cli("-C", ws_root / "config", "diff", "--since", str(first), "--json").json()
+    assert [d["path"] for d in since] == ["config/export.toml", "config/labels.yaml"]
+    fields = {f["path"]: (f["old"], f["new"]) for f in since[1]["fields"]}
+    assert list(fields.values()) == [("#ee551e", "#000000")] and "color" in next(iter(fields))
+    only = run_cli("-C", ws_root / "config", "diff", "labels.yaml", "--since", str(first), "--json").json()
+    assert [d["path"] for d in only] == ["config/labels.yaml"]
+    human = run_cli("-C", ws_root, "diff", "--since", str(first))
+    assert human.code == 0 and "config/labels.yaml" in human.stdout and "#000000" in human.stdout
