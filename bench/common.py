@@ -41,6 +41,24 @@ _WORDS = (
 _LABELS = ("title", "paragraph", "table", "figure", "caption", "header", "footer", "stamp")
 
 
+
+def say(text: str, end: str = "\n") -> None:
+    """Progress goes to stderr, so that ``--json`` leaves stdout to the rows."""
+    print(text, end=end, file=sys.stderr, flush=True)
+
+
+def prepare_python() -> None:
+    """Measure syncengine as installed, with its bytecode cached.
+
+    A shell that sets PYTHONDONTWRITEBYTECODE would make every measured
+    `syncengine` process compile its ~60 modules again (about 0.15 s each
+    run); a normal install has them compiled once.
+    """
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "syncengine"), str(REPO / "cli")],
+                   check=False, stdout=subprocess.DEVNULL)
+
+
 # ---------------------------------------------------------------- the corpus
 
 
@@ -153,7 +171,7 @@ def fresh_dir(path: Path, settle: float = SETTLE_SECONDS) -> Path:
         shutil.rmtree(path)
         os.sync()
         if settle > 0:
-            print(f"  (deleted an old {path.name}; waiting {settle:.0f} s for ext4 to settle)", flush=True)
+            say(f"  (deleted an old {path.name}; waiting {settle:.0f} s for ext4 to settle)")
             time.sleep(settle)
     path.mkdir(parents=True)
     return path
@@ -378,21 +396,37 @@ def _rate(row: Row) -> str:
     return f"{rate / 1000:.1f} k/s" if rate >= 1000 else f"{rate:.0f}/s"
 
 
+def _cpu(row: Row) -> float | None:
+    if row.client_cpu is None and row.server_cpu is None:
+        return None
+    return (row.client_cpu or 0.0) + (row.server_cpu or 0.0)
+
+
+def _ratio(x: float | None, base: float | None) -> str:
+    return f"{x / base:.1f}×" if x and base else "–"
+
+
 def table(rows: Sequence[Row]) -> str:
-    """A Markdown table; the ratio column is a peer's wall time over syncengine's (>1: we are faster)."""
+    """A Markdown table of every row, with ratios to syncengine's row of the same bench and phase.
+
+    ``wall ×`` is the tool's wall time over syncengine's and ``CPU ×`` its
+    CPU (client + server) over syncengine's: above 1, syncengine is faster
+    or cheaper; a floor's ratio below 1 says how far syncengine is from it.
+    """
     ours = {(r.bench, r.phase): r for r in rows if r.tool == "syncengine" and r.wall}
-    head = ("| bench | phase | tool | wall | rate | ratio | CPU client | CPU server "
+    head = ("| bench | phase | tool | wall | rate | wall × | CPU client | CPU server | CPU × "
             "| peak RSS client MB | peak RSS server MB | note |")
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         base = ours.get((r.bench, r.phase))
-        if r.wall and base is not None and r.tool != "syncengine":
-            ratio = f"{r.wall / base.wall:.1f}×"
+        if r.tool == "syncengine" or base is None:
+            wall_x = "1.0×" if r.tool == "syncengine" and r.wall else "–"
+            cpu_x = "1.0×" if r.tool == "syncengine" and _cpu(r) else "–"
         else:
-            ratio = "1.0×" if r.tool == "syncengine" and r.wall else "–"
+            wall_x, cpu_x = _ratio(r.wall, base.wall), _ratio(_cpu(r), _cpu(base))
         lines.append(
-            f"| {r.bench} | {r.phase} | {r.tool} | {_secs(r.wall)} | {_rate(r)} | {ratio} "
-            f"| {_secs(r.client_cpu)} | {_secs(r.server_cpu)} | {_mb(r.client_rss)} | {_mb(r.server_rss)} "
+            f"| {r.bench} | {r.phase} | {r.tool} | {_secs(r.wall)} | {_rate(r)} | {wall_x} "
+            f"| {_secs(r.client_cpu)} | {_secs(r.server_cpu)} | {cpu_x} | {_mb(r.client_rss)} | {_mb(r.server_rss)} "
             f"| {r.note} |"
         )
     return "\n".join(lines)

@@ -21,7 +21,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RUN_DIR, VENV_BIN, Row, Usage, fresh_dir, machine, make_corpus, quiesce, run_measured, table
+from common import (
+    RUN_DIR,
+    VENV_BIN,
+    Row,
+    Usage,
+    fresh_dir,
+    machine,
+    make_corpus,
+    prepare_python,
+    quiesce,
+    run_measured,
+    say,
+    table,
+)
 
 BENCH = "scan"
 
@@ -32,9 +45,10 @@ def _median(runs: list[Usage]) -> Usage:
 
 def collect(n: int = 20_000, repeat: int = 3) -> list[Row]:
     """Build the tree, measure floors and syncengine; returns the rows."""
+    prepare_python()
     base = fresh_dir(RUN_DIR / "scan")
     root = base / "ws"
-    print(f"scan: writing {n} files ...", flush=True)
+    say(f"scan: writing {n} files ...")
     make_corpus(root, n)
     quiesce()
     exe = str(VENV_BIN / "syncengine")

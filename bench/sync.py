@@ -44,8 +44,10 @@ from common import (
     machine,
     make_corpus,
     plan_mutation,
+    prepare_python,
     quiesce,
     run_measured,
+    say,
     servers,
     start_server,
     table,
@@ -177,7 +179,7 @@ class Unison(Tool):
 
     def missing(self) -> str | None:
         if not self.exe and os.geteuid() == 0 and shutil.which("apt-get"):
-            print("  unison is missing: installing Debian's unison (apt-get install -y unison) ...", flush=True)
+            say("  unison is missing: installing Debian's unison (apt-get install -y unison) ...")
             subprocess.run(["apt-get", "install", "-y", "-qq", "unison"], stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
             self.exe = shutil.which("unison")
@@ -221,6 +223,7 @@ def _diff(local: dict[str, int], remote: dict[str, int]) -> str:
 def collect(n: int = 10_000, tools: tuple[str, ...] = tuple(TOOLS), bench: str | None = None) -> list[Row]:
     """Run the three phases for every tool; returns the rows (missing tools get a note)."""
     bench = bench or ("sync" if n == 10_000 else f"sync-{n // 1000}k")
+    prepare_python()
     base = fresh_dir(RUN_DIR / bench)
     chosen = [TOOLS[name](base) for name in tools]
     rows: list[Row] = []
@@ -228,13 +231,13 @@ def collect(n: int = 10_000, tools: tuple[str, ...] = tuple(TOOLS), bench: str |
     for tool in chosen:
         why = tool.missing()
         if why:
-            print(f"  {tool.name}: MISSING — {why}", flush=True)
+            say(f"  {tool.name}: MISSING — {why}")
             rows.extend(Row(bench, tool.name, phase, None, n, note=f"missing: {why}") for phase in PHASES)
         else:
             ready.append(tool)
     if not ready:
         return rows
-    print(f"{bench}: writing {n} documents for {len(ready)} tool(s) ...", flush=True)
+    say(f"{bench}: writing {n} documents for {len(ready)} tool(s) ...")
     for tool in ready:
         tool.base.mkdir(parents=True, exist_ok=True)
     make_corpus(ready[0].local, n)
@@ -258,14 +261,14 @@ def collect(n: int = 10_000, tools: tuple[str, ...] = tuple(TOOLS), bench: str |
             for tool in ready:
                 if tool.name in failed:
                     continue
-                print(f"  {phase:>8}: {tool.name} ...", end=" ", flush=True)
+                say(f"  {phase:>8}: {tool.name} ...", end=" ")
                 try:
                     usage = tool.measured(phase)
                 except Failed as exc:
                     failed[tool.name] = str(exc)
-                    print(f"FAILED ({exc})", flush=True)
+                    say(f"FAILED ({exc})")
                     continue
-                print(f"{usage.wall:.2f} s", flush=True)
+                say(f"{usage.wall:.2f} s")
                 note = "+ init (first scan)" if tool.name == "syncengine" and phase == "initial" else ""
                 results[(tool.name, phase)] = Row.of(bench, tool.name, phase, usage, items, note=note)
                 quiesce()
