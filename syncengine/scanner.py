@@ -130,11 +130,15 @@ def detect(
         if moved or st.mtime_ns >= racy_after:
             to_hash.append(rel)
 
-    hashed: dict[str, tuple[str, FileStat, bytes]] = {}
+    # path -> (sha256, stat, kind of a new file). The kind is decided at once
+    # so a file's first bytes are not kept: on a first scan of 50,000 small
+    # files those heads were the whole tree in memory (250 MB).
+    hashed: dict[str, tuple[str, FileStat, str | None]] = {}
     total = len(to_hash)
     for done, rel in enumerate(to_hash, 1):
         try:
-            hashed[rel] = hash_with_head(root / rel)
+            digest, st, head = hash_with_head(root / rel)
+            hashed[rel] = (digest, st, kind_for(rel, head).value if rel not in index else None)
         except FileNotFoundError:
             seen.files.pop(rel, None)  # deleted while we scanned: treated as absent
         except OSError as exc:
@@ -148,7 +152,7 @@ def detect(
     for rel in to_hash:
         if rel not in hashed:
             continue
-        digest, st, head = hashed[rel]
+        digest, st, _kind = hashed[rel]
         known = index.get(rel)
         if known is None:
             created.append(rel)
@@ -172,8 +176,8 @@ def detect(
         digest, st, _head = hashed[new]
         changes.append(_change(Op.MOVED, new, digest, st, doc_id=index[old][0], kind=index[old][7], old_path=old))
     for rel in sorted(set(created) - moved_new):
-        digest, st, head = hashed[rel]
-        changes.append(_change(Op.CREATED, rel, digest, st, kind=kind_for(rel, head).value))
+        digest, st, kind = hashed[rel]
+        changes.append(_change(Op.CREATED, rel, digest, st, kind=kind))
     for rel in sorted(set(gone) - moved_old):
         changes.append(LocalChange(Op.DELETED, rel, doc_id=index[rel][0], kind=index[rel][7]))
 
@@ -199,7 +203,7 @@ def _match_moves(
     gone: list[str],
     created: list[str],
     index: dict[str, tuple],
-    hashed: dict[str, tuple[str, FileStat, bytes]],
+    hashed: dict[str, tuple[str, FileStat, str | None]],
 ) -> list[tuple[str, str]]:
     """Pair vanished paths with new ones: same inode first, then same hash.
 
