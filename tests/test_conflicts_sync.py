@@ -267,3 +267,43 @@ def test_every_strategy_that_changes_the_file_publishes_its_zones(net, strategy,
     events = [e for e in zone_events(b) if e["path"] == "plan.json"]
     assert events == ([] if fields is None else [{"path": "plan.json", "fields": fields, "origin": "merge",
                                                   "doc_id": b.journal.doc_by_path("plan.json").doc_id}])
+
+
+
+SEPARATE = {  # name: (base, A's edit, B's edit elsewhere, the merge)
+    "doc.yaml": ("# plan\ntitle: plan  # shown\nowner: ann\nn: 1\n", "# plan\ntitle: A  # shown\nowner: ann\nn: 1\n",
+                 "# plan\ntitle: plan  # shown\nowner: bo\nn: 1\n",
+                 "# plan\ntitle: A     # shown\nowner: bo\nn: 1\n"),  # comments keep the base's column
+    "doc.toml": ('# plan\ntitle = "plan"\n\n[meta]\nn = 1\n', '# plan\ntitle = "A"\n\n[meta]\nn = 1\n',
+                 '# plan\ntitle = "plan"\n\n[meta]\nn = 2\n', '# plan\ntitle = "A"\n\n[meta]\nn = 2\n'),
+    "doc.md": ("# Plan\n\none\ntwo\n", "# Plan A\n\none\ntwo\n", "# Plan\n\none\nTWO\n", "# Plan A\n\none\nTWO\n"),
+}
+
+
+@pytest.mark.parametrize("name", list(SEPARATE))
+def test_separate_edits_merge_in_every_format(net, name):
+    """YAML, TOML and text edited in different places on two replicas merge, comments and layout kept."""
+    base, a_edit, b_edit, merged = SEPARATE[name]
+    a, b = net.replicas_of({**KEEP, name: base}, 2)
+    write(a, name, a_edit)
+    write(b, name, b_edit)
+    tree = net.settle(a, b)
+    assert tree[name].decode() == merged and copies(tree) == {}
+
+
+COLLIDING = {"doc.yaml": ("title: plan\n", "title: A\n", "title: B\n"),
+             "doc.toml": ('title = "plan"\n', 'title = "A"\n', 'title = "B"\n'),
+             "doc.md": ("plan\n", "A\n", "B\n"),
+             "doc.bin": (b"\x00plan", b"\x00A", b"\x00B")}
+
+
+@pytest.mark.parametrize("name", list(COLLIDING))
+def test_colliding_edits_keep_both_in_every_format(net, name):
+    """The default strategy on a collision, in every format: the server's version at the path, the other beside it."""
+    base, a_edit, b_edit = COLLIDING[name]
+    a, b = net.replicas_of({**KEEP, name: base}, 2)
+    write(a, name, a_edit)
+    write(b, name, b_edit)
+    tree = net.settle(a, b)
+    as_bytes = [x.encode() if isinstance(x, str) else x for x in (a_edit, b_edit)]
+    assert tree[name] == as_bytes[0] and list(copies(tree).values()) == [as_bytes[1]]
