@@ -336,3 +336,23 @@ def test_a_vanished_root_under_an_open_workspace_is_never_read_as_deletions(kit,
         assert not (report.pushed or report.deleted)
     b.sync()
     assert assert_converged(a, b) == {"one.md": b"1\n", "two.md": b"2\n"}
+
+
+@pytest.mark.parametrize("status", [500, 503])
+def test_a_failing_server_exits_3_and_the_changes_go_out_next_time(kit, status):
+    """A server that answers 5xx every time: exit 3 with one line, nothing lost; once it recovers, all goes out."""
+    from tests.server.conftest import FaultProxy
+
+    proxy = FaultProxy(kit.server.url).start()
+    try:
+        a = kit.replica({"a.md": "a\n"}, url=proxy.url)
+        proxy.fail(50, status)
+        a.write("b.md", "b\n")
+        result = a.cli("sync")
+        assert result.code == 3 and result.stderr.count("\n") == 1, result.stderr
+        assert kit.log() == [] and a.status().pending.created == 2
+        proxy.failures.clear()
+        assert a.cli("sync").code == 0
+    finally:
+        proxy.stop()
+    assert sorted(c.path for c in kit.log()) == ["a.md", "b.md"]
