@@ -47,6 +47,11 @@ log = logging.getLogger("syncengine.daemon")
 TICK = 1.0  # the journal worker wakes at least this often (health checks, timers)
 
 
+def jittered(interval: float) -> float:
+    """``interval`` ±10%, so daemons started together (a login, a reboot) do not rescan in step."""
+    return interval * random.uniform(0.9, 1.1)
+
+
 class Daemon:
     """One workspace's daemon, runnable in-process (tests) or as `syncengine daemon run`."""
 
@@ -264,7 +269,7 @@ class Daemon:
             return
         self._rescan_reason = None
         interval = self.cfg.fallback_scan if self._state.get("watcher") == "polling" else self.cfg.rescan_interval
-        self._next_rescan = time.monotonic() + interval * random.uniform(0.9, 1.1)
+        self._next_rescan = time.monotonic() + jittered(interval)
         ws = self.ws
         hashing: list[progress.Task] = []
 

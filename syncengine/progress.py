@@ -233,8 +233,8 @@ def _channels(channels: str | Iterable[str] | None) -> tuple[str, ...]:
 class Subscription:
     """Follow events.db: iterate (blocking) or get a callback per event in a thread.
 
-    ``after`` is an event id; None starts after the newest event, so a
-    subscriber sees what happens from now on. Polling a WAL database every
+    ``after`` is an event id; None starts after the newest event at the time
+    of the call, so a subscriber sees everything published after it. Polling a WAL database every
     ``poll`` seconds costs one indexed query; the writer never waits for us.
     """
 
@@ -244,6 +244,14 @@ class Subscription:
         self.channels = _channels(channels)
         self.after = after
         self.poll = poll
+        if after is None:
+            # "From now on" means from this call, not from the first poll: an event published
+            # right after subscribe() returns must not be missed (the callback thread starts late).
+            log = EventLog(path)
+            try:
+                self.after = log.last_id()
+            finally:
+                log.close()
         self._stop = threading.Event()
         self._buffer: list[Event] = []
         self._log: EventLog | None = None
@@ -263,9 +271,6 @@ class Subscription:
     def _fetch(self) -> list[Event]:
         if self._log is None:
             self._log = EventLog(self.path)
-        if self.after is None:
-            self.after = self._log.last_id()
-            return []
         rows = self._log.read(self.after, self.channels, limit=500)
         if rows:
             self.after = rows[-1][0]
