@@ -11,7 +11,6 @@ import sys
 
 import pytest
 
-from syncengine.locks import FileLock
 from tests.helpers import REPO, cli_env
 from tests.synckit import Kit, Replica, assert_converged, converge, module_server, no_duplicate_revisions
 
@@ -104,12 +103,11 @@ def test_json_summary_is_one_document_and_nothing_else(pending):
     assert summary["dry_run"] is False and summary["open_conflicts"] == 0 and summary["problems"] == []
 
 
-def test_progress_bar_only_on_a_terminal(kit):
-    """A terminal on stderr gets a progress bar; a pipe gets nothing extra."""
-    a = kit.replica({f"f{i}.txt": f"{i}\n" for i in range(5)})
+def _on_a_terminal(*args: str) -> tuple[int, bytes, bytes]:
+    """Run `syncengine ARGS` with stderr on a pseudo-terminal: (exit code, stdout, what the terminal got)."""
     master, slave = pty.openpty()
     try:
-        proc = subprocess.run([sys.executable, "-m", "cli", "-C", str(a.root), "sync"], stdout=subprocess.PIPE,
+        proc = subprocess.run([sys.executable, "-m", "cli", *args], stdout=subprocess.PIPE,
                               stderr=slave, env=cli_env(TERM="xterm", COLUMNS="100"), cwd=REPO, timeout=60)
         os.close(slave)
         slave = -1
@@ -126,7 +124,19 @@ def test_progress_bar_only_on_a_terminal(kit):
         os.close(master)
         if slave >= 0:
             os.close(slave)
-    assert proc.returncode == 0 and b"push" in seen and b"5/5" in seen
+    return proc.returncode, proc.stdout, seen
+
+
+def test_progress_bar_only_on_a_terminal(kit):
+    """A terminal on stderr gets a progress bar; --json on a terminal and a pipe get nothing extra."""
+    import json
+
+    a = kit.replica({f"f{i}.txt": f"{i}\n" for i in range(5)})
+    code, _out, seen = _on_a_terminal("-C", str(a.root), "sync")
+    assert code == 0 and b"push" in seen and b"5/5" in seen
+    a.write("f1.txt", "json\n")
+    code, out, seen = _on_a_terminal("-C", str(a.root), "sync", "--json")
+    assert code == 0 and seen.strip() == b"" and json.loads(out)["pushed"] == ["f1.txt"]
     a.write("f0.txt", "again\n")
     piped = a.proc("sync")
     assert piped.code == 0 and piped.stderr == "" and "Synced with" in piped.stdout
@@ -244,13 +254,21 @@ def test_an_emptied_root_is_never_read_as_deletions(kit):
 def test_a_second_concurrent_sync_exits_7_after_waiting(kit):
     """While another process holds the workspace's sync lock, sync waits --wait seconds, then exits 7."""
     a = kit.replica({"a.md": "a\n"})
-    lock = FileLock(a.root / ".syncengine" / "sync.lock", "sync")
     lock_path = a.root / ".syncengine" / "sync.lock"
-    assert lock_path.parent.is_dir()
-    with lock.acquire(1):
-        result = a.cli("sync", "--wait", "0.3")
-    assert result.code == 7 and result.stderr.count("\n") == 1
-    assert a.cli("sync").code == 0
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from syncengine.locks import FileLock; "
+         "FileLock(sys.argv[1], 'sync').acquire(5); print('held', flush=True); time.sleep(60)", str(lock_path)],
+        stdout=subprocess.PIPE, cwd=REPO, env=cli_env())
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        result = a.proc("sync", "--wait", "0.3")
+        assert result.code == 7 and result.stderr.count("\n") == 1 and "lock" in result.stderr
+        assert kit.log() == []
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    assert a.cli("sync").code == 0 and len(kit.log()) == 1
 
 
 @pytest.mark.parametrize("flags", [["--strategy", "bogus"], ["--max-delete", "150"], ["--wait", "-1"], ["--bogus"]],
