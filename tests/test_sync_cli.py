@@ -93,9 +93,11 @@ def test_dry_run_prints_the_plan_and_writes_nothing(kit, pending):
 
 
 def test_json_summary_is_one_document_and_nothing_else(pending):
-    """--json prints one JSON document naming what moved each way; stderr stays empty."""
+    """--json prints one JSON document naming what moved each way; stderr stays empty (run from a subfolder)."""
+    from tests.helpers import run_cli
+
     _a, b = pending
-    result = b.cli("sync", "--json")
+    result = run_cli("-C", b.root / "moved", "sync", "--json")
     assert result.code == 0 and result.stderr == ""
     summary = result.json()
     assert sorted(summary["pushed"]) == ["moved/move.md", "new.md"]
