@@ -307,3 +307,43 @@ def test_colliding_edits_keep_both_in_every_format(net, name):
     tree = net.settle(a, b)
     as_bytes = [x.encode() if isinstance(x, str) else x for x in (a_edit, b_edit)]
     assert tree[name] == as_bytes[0] and list(copies(tree).values()) == [as_bytes[1]]
+
+
+def _at_failpoint(monkeypatch, point: str, action) -> None:
+    """Run ``action()`` the first time a round reaches failpoint ``point`` (another replica acting right then)."""
+    from syncengine import fsops
+    from syncengine import sync as syncing
+
+    real, done = fsops.failpoint, []
+
+    def hook(name: str) -> None:
+        if name == point and not done:
+            done.append(name)
+            action()
+        real(name)
+
+    monkeypatch.setattr(syncing, "failpoint", hook)
+
+
+@pytest.mark.parametrize(("b_change", "resolution"), [({"title": "B"}, "keep-both"),
+                                                      ({"meta__owner": "bo"}, "merged")])
+def test_the_replica_whose_push_is_refused_settles_on_top_of_the_winner(net, monkeypatch, b_change, resolution):
+    """A commits between B's pull and B's push: B's push is refused, B settles on top of A's rev in the same round."""
+    a, b = net.replicas_of({**KEEP, "plan.json": jtext(ZONES)}, 2)
+    write(b, "plan.json", edited(ZONES, **b_change))
+
+    def a_gets_there_first():
+        write(a, "plan.json", edited(ZONES, title="A"))
+        assert a.sync().pushed == ("plan.json",)
+
+    _at_failpoint(monkeypatch, "sync.after_pull", a_gets_there_first)
+    report = b.sync()
+    assert report.passes >= 2 and [(c.kind, c.resolution) for c in report.conflicts] == [("both-modified", resolution)]
+    monkeypatch.undo()
+    tree = net.settle(a, b)
+    assert net.pushed[a.root] == []  # A never settles it again
+    assert json.loads(tree["plan.json"])["title"] == "A"
+    if resolution == "merged":
+        assert json.loads(tree["plan.json"])["meta"]["owner"] == "bo" and copies(tree) == {}
+    else:
+        assert [json.loads(d)["title"] for d in copies(tree).values()] == ["B"]
