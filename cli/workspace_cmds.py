@@ -37,7 +37,10 @@ def init(ctx: Context, path: Path, server: str | None, name: str | None, token_f
 
 
 def _render_init(out: Console, report) -> None:
-    out.print(f"Initialised workspace [bold]{report.root}[/] with {report.files} file(s).")
+    if report.created:
+        out.print(f"Initialised workspace [bold]{report.root}[/] with {report.files} file(s).")
+    else:
+        out.print(f"Connected workspace [bold]{report.root}[/] ({report.files} file(s)) to a server.")
     if report.server:
         out.print(f"Server: {report.server}  workspace: {report.workspace}")
 

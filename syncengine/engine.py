@@ -73,7 +73,10 @@ class Workspace:
         """Create a workspace at ``path`` and record every file already there.
 
         With a server, ``name`` is the workspace's name there (default: the
-        folder's name) and ``token`` is stored with mode 0600.
+        folder's name) and ``token`` is stored with mode 0600. A workspace
+        made without a server is connected to one the same way (its history
+        stays; the report says ``created=False``); one that has a server
+        already is refused.
         """
         config = config or Config()
         if server:
@@ -81,6 +84,9 @@ class Workspace:
             config.server.workspace = name or Path(path).absolute().name
         elif name or token:
             raise UsageError("--workspace and a token need --server")
+        existing = workspace.Layout(Path(path).absolute())
+        if server and existing.config.is_file():
+            return cls._connect(existing, config.server.url, config.server.workspace, token)
         layout = workspace.create(Path(path), config)
         if token:
             save_token(layout.token, token)
@@ -88,6 +94,25 @@ class Workspace:
         report = ws.scan()
         return ws, InitReport(str(ws.root), True, ws.config.server.url or None,
                               ws.config.server.workspace or None, report.files)
+
+    @classmethod
+    def _connect(cls, layout: workspace.Layout, url: str, name: str, token: str | None
+                 ) -> tuple[Workspace, InitReport]:
+        ws = cls(layout.root)
+        try:
+            if ws.config.server.url or ws.config.server.workspace:
+                raise workspace.WorkspaceExists(
+                    f"{layout.root} is already a workspace of {ws.config.server.url or 'a server'}",
+                    hint="its server is set in .syncengine/config.toml")
+            ws.config.server.url, ws.config.server.workspace = url, name
+            if token:
+                save_token(layout.token, token)
+            ws.config.save(layout.config)
+            report = ws.scan()
+        except BaseException:
+            ws.close()
+            raise
+        return ws, InitReport(str(ws.root), False, url, name, report.files)
 
     @property
     def journal(self) -> Journal:
@@ -317,7 +342,7 @@ class Workspace:
         url = os.environ.get("SYNCENGINE_SERVER") or self.config.server.url
         if not url or not self.config.server.workspace:
             raise UsageError("no server configured for this workspace",
-                             hint="run `syncengine init --server URL --workspace NAME` or set SYNCENGINE_SERVER")
+                             hint="connect it: `syncengine init --server URL --workspace NAME --token-file FILE`")
         token = load_token(self.layout.token)
         if not token:
             raise AuthError("no token for the server", hint="store one with --token-file or set SYNCENGINE_TOKEN")

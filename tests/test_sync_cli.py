@@ -376,3 +376,29 @@ def test_a_failing_server_exits_3_and_the_changes_go_out_next_time(kit, status):
     finally:
         proxy.stop()
     assert sorted(c.path for c in kit.log()) == ["a.md", "b.md"]
+
+
+def test_a_local_workspace_is_connected_to_a_server_later_with_init(kit, tmp_path):
+    """`init --server` on a workspace made without one connects it (history kept); a second server is refused."""
+    from syncengine.testing import make_tree
+    from tests.helpers import run_cli
+
+    root = tmp_path / "local"
+    make_tree(root, {"a.md": "a\n", "sub/b.json": '{"b": 1}\n'})
+    assert run_cli("init", root).code == 0
+    assert run_cli("-C", root, "snapshot", "-m", "before the server").code == 0
+    refused = run_cli("-C", root, "sync")
+    assert refused.code == 2 and "syncengine init --server" in refused.stderr
+    token_file = tmp_path / "token"
+    token_file.write_text(kit.server.token(kit.ws) + "\n")
+    connect = ["init", root, "--server", kit.url, "--workspace", kit.ws, "--token-file", token_file]
+    result = run_cli(*connect, "--json")
+    assert result.code == 0, result.stderr
+    assert result.json()["created"] is False and result.json()["workspace"] == kit.ws
+    assert (root / ".syncengine" / "token").stat().st_mode & 0o777 == 0o600
+    assert run_cli("-C", root, "sync").code == 0
+    assert sorted(c.path for c in kit.log()) == ["a.md", "sub/b.json"]
+    assert [s["message"] for s in run_cli("-C", root, "snapshots", "--json").json()] == ["before the server"]
+    again = run_cli(*connect)
+    assert again.code == 5 and "already" in again.stderr and again.stderr.count("\n") == 1
+    assert run_cli("init", root).code == 5
