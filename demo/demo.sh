@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
-RUN="$PWD/demo-run"
+RUN="${SYNCENGINE_DEMO_RUN:-$PWD/demo-run}"  # tests run it elsewhere
 rm -rf "$RUN" && mkdir -p "$RUN"
 
 say() { printf '\n\033[1;36m== %s\033[0m\n' "$*"; }
