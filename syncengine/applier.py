@@ -15,10 +15,11 @@ import posixpath
 from syncengine.apply import Applied, Context, Plan, _adopt, _merge, _pull, _record_conflict, flush
 from syncengine.conflicts import split_name
 from syncengine.errors import FileSystemError, SyncEngineError
+from syncengine.fieldpaths import ROOT
 from syncengine.fsops import ChangedUnderfoot, failpoint, mapped, move_safe
 from syncengine.journal import DocRow
 from syncengine.leftovers import begin_apply, end_apply
-from syncengine.models import ScanProblem
+from syncengine.models import Kind, ScanProblem
 from syncengine.reconcile import Action, Do
 
 
@@ -78,8 +79,10 @@ def apply_plan(ctx: Context, plan: Plan, flush_every: int = 200) -> Applied:
 def _run(ctx: Context, row: DocRow, action: Action) -> None:
     if action.do is Do.PULL:
         _pull(ctx, row)
-        if action.conflict:
+        if action.conflict:  # deleted here, modified on the server: the modification comes back
             _record_conflict(ctx, row, action.conflict, "modification-wins", "remote")
+            if row.remote_path:
+                ctx.result.touched[row.remote_path] = [ROOT] if Kind(row.kind).structured else []
     elif action.do is Do.ADOPT:
         _adopt(ctx, row)
     elif action.do is Do.FORGET:

@@ -347,3 +347,16 @@ def test_the_replica_whose_push_is_refused_settles_on_top_of_the_winner(net, mon
         assert json.loads(tree["plan.json"])["meta"]["owner"] == "bo" and copies(tree) == {}
     else:
         assert [json.loads(d)["title"] for d in copies(tree).values()] == ["B"]
+
+
+def test_a_modification_brought_back_over_a_local_deletion_publishes_its_zones(net):
+    """deleted-modified writes the server's modified document back here: the zones channel hears of it, whole."""
+    a, b = net.replicas_of({**KEEP, "plan.json": jtext(ZONES)}, 2)
+    write(a, "plan.json", edited(ZONES, title="A"))
+    a.sync()
+    (b.root / "plan.json").unlink()
+    report = b.sync()
+    assert [(c.kind, c.resolution) for c in report.conflicts] == [("deleted-modified", "remote")]
+    assert load(b, "plan.json")["title"] == "A"
+    (event,) = [e for e in zone_events(b) if e["path"] == "plan.json"]
+    assert (event["fields"], event["origin"]) == (["$"], "merge")
