@@ -138,6 +138,12 @@ def test_kind_by_strategy(net, kind, strategy, replicas):
     for data in (a_data, b_data):  # the loser stays in B's blob store
         if data is not None:
             assert b.blobs.has(hashlib.sha256(data.encode()).hexdigest())
+    loser = {"remote": b_data, "local": a_data, "newest": a_data, "manual": a_data}.get(strategy)
+    if kind.startswith("both-") and loser:  # no copy holds it: log names it, a snapshot restores it
+        digest = hashlib.sha256(loser.encode()).hexdigest()
+        assert any(e.origin == "conflict" and e.hash == digest for e in b.log(limit=None))
+        assert any(entry[0] == digest for snap in b.snapshots()
+                   for entry in b.journal.snapshot_manifest(snap.id).values())
 
 
 C_DOC = '{\n  "title": "from C",\n  "n": 1\n}\n'
