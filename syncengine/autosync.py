@@ -59,6 +59,7 @@ class AutoSync(threading.Thread):
         self._not_before = 0.0
         self._next_poll = 0.0
         self._state = ""
+        self._in_round = False
         self.ws = None
 
     # ------------------------------------------------------------ triggers (any thread)
@@ -67,6 +68,13 @@ class AutoSync(threading.Thread):
         with self._guard:
             self._reasons.add(reason)
         self._wake.set()
+
+    def wants_round(self) -> bool:
+        """A round runs, or one is due now (not one waiting out a backoff): others should let it go first."""
+        with self._guard:
+            return self._in_round or (bool(self._reasons) and time.monotonic() >= self._not_before
+                                      and self.is_alive() and not self._stopping.is_set()
+                                      and self._state not in ("off", "paused"))
 
     def on_seq(self, seq: int, kind: str) -> None:
         """A live message: a seq past our durable checkpoint is a gap, and the answer is a pull."""
@@ -127,10 +135,15 @@ class AutoSync(threading.Thread):
                 if not self._reasons or now < self._not_before:
                     continue
                 reasons, self._reasons = self._reasons, set()
-            if ws.journal.state()["paused"]:
-                self._set_state("paused")  # resume (a nudge) triggers a round
-                continue
-            self._round(ws, reasons)
+                self._in_round = True
+            try:
+                if ws.journal.state()["paused"]:
+                    self._set_state("paused")  # resume (a nudge) triggers a round
+                    continue
+                self._round(ws, reasons)
+            finally:
+                with self._guard:
+                    self._in_round = False
             self._next_poll = time.monotonic() + self._poll_interval(ws)
 
     def _round(self, ws, reasons: set[str]) -> None:

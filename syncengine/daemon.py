@@ -296,7 +296,9 @@ class Daemon:
             self._changed(paths, time.monotonic())
 
     def _snapshot(self, reason: str) -> None:
-        if self._syncing():
+        # Syncing never waits for autosave (DESIGN §3): a snapshot holds the scan lock a round
+        # needs, so while a round runs or is about to, the snapshot waits for it instead.
+        if self._syncing() or self.sync.wants_round():
             self._autosave_reason = reason  # after the round
             return
         self._autosave_reason = None

@@ -80,6 +80,8 @@ def test_an_edit_in_a_appears_in_b_with_no_command_typed(tmp_path: Path, server,
     with Workspace(a) as ws:
         status = ws.status()
     assert status.pending.total == 0 and status.sync.stalled is None and status.daemon.live == "connected"
+    with Workspace(b) as ws:  # B's daemon knew its own writes by their stat: nothing echoed back as local
+        assert {e.origin for e in ws.log("doc.json", None)} == {"remote"}
 
 
 def test_events_follow_shows_zone_updates_for_a_json_edit(tmp_path: Path, server, daemons: Daemons):

@@ -5,6 +5,8 @@ daemon misses nothing written while it starts up."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from syncengine.daemon import jittered
 from syncengine.testing import wait_until
 from tests import daemonkit
 from tests.daemonkit import Daemons, make_ws
-from tests.helpers import run_proc
+from tests.helpers import REPO, run_proc
 
 daemons = daemonkit.daemons  # the fixture
 
@@ -95,3 +97,15 @@ def test_nothing_written_during_start_up_is_missed(tmp_path: Path, daemons: Daem
             return sum(1 for p in ws.journal.local_index() if p.startswith("new-")) == written
 
     wait_until(all_journaled, timeout=60, message=f"all {written} files written during start-up")
+
+
+def test_daemon_log_is_rotated(tmp_path: Path):
+    """daemon.log rolls over at 1 MiB and keeps three old files, so a long-running daemon cannot fill the disk."""
+    root = make_ws(tmp_path / "w")
+    script = ("import logging, sys; from pathlib import Path; from syncengine.daemon import _setup_logging; "
+              "from syncengine.workspace import Layout; _setup_logging(Layout(Path(sys.argv[1])), to_stderr=False); "
+              "log = logging.getLogger('syncengine.daemon'); [log.info('x' * 1000) for _ in range(6000)]")
+    subprocess.run([sys.executable, "-c", script, str(root)], cwd=REPO, check=True, timeout=120)
+    logs = sorted(p.name for p in (root / ".syncengine").glob("daemon.log*"))
+    assert logs == ["daemon.log", "daemon.log.1", "daemon.log.2", "daemon.log.3"]
+    assert all((root / ".syncengine" / name).stat().st_size <= 1 << 20 for name in logs)
