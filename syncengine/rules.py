@@ -9,7 +9,7 @@ same way. It is TOML, described with examples in ``docs/conflicts.md``::
     [[rule]]                           # first matching rule wins
     path = ["*.json", "data/**"]       # gitignore-style globs (optional)
     kind = "both-modified"             # conflict kinds (optional)
-    strategy = "merge"                 # optional: the default above
+    strategy = "merge"                 # optional: merge, the only one fields apply to
     fields = { "meta.updated_at" = "newest", tags = "union" }
 
 Parsing is strict: an unknown key, a wrong type, an unknown strategy or
@@ -69,12 +69,13 @@ class Rules:
         """(strategy, field rules) for a conflict on ``path``; None where nothing is said.
 
         The first rule matching both the path and the conflict kind wins; a
-        rule without a strategy takes the file's default. ``kind=None``
-        (a caller that does not know it) skips only the kind check.
+        rule without a strategy names fields, which only a merge uses, so it
+        merges whatever the default is. ``kind=None`` (a caller that does
+        not know it) skips only the kind check.
         """
         for rule in self.rules:
             if rule.matches(path, kind):
-                return rule.strategy or self.default, dict(rule.fields) or None
+                return rule.strategy or ("merge" if rule.fields else self.default), dict(rule.fields) or None
         return self.default, None
 
 

@@ -164,3 +164,10 @@ def test_involved_names_the_lines_either_side_changed_in_text():
     base = b"one\ntwo\nthree\nfour\n"
     assert involved(Kind.TEXT, base, b"ONE\ntwo\nthree\nfour\n", b"one\ntwo\nthree\nFOUR\n") == ("line 1", "line 4")
     assert involved(Kind.TEXT, base, b"one\nTWO\nTHREE\nfour\n", base + b"five\n") == ("lines 2-3", "after line 4")
+
+
+def test_a_rule_with_fields_and_no_strategy_merges_whatever_the_default():
+    """Field rules mean something only to merge: a rule with fields and no strategy merges, whatever the default."""
+    rules = parse('strategy = "keep-both"\n\n[[rule]]\npath = "*.json"\nfields = { tags = "union" }\n')
+    assert rules.for_path("a.json", "both-modified") == ("merge", {"tags": "union"})
+    assert rules.for_path("a.md", "both-modified") == ("keep-both", None)
