@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cli.main import Context, cli
@@ -35,9 +36,9 @@ def _render_log(out: Console, entries: list[LogEntry]) -> None:
     for col in ("seq", "when (UTC)", "op", "path", "hash", "size", "origin", "snap"):
         table.add_column(col)
     for e in entries:
-        path = f"{e.old_path} -> {e.path}" if e.old_path else e.path
+        path = escape(f"{e.old_path} -> {e.path}" if e.old_path else e.path)
         if e.zones:
-            path += f"  [dim]({', '.join(e.zones[:3])}{', ...' if len(e.zones) > 3 else ''})[/]"
+            path += f"  [dim]({escape(', '.join(e.zones[:3]))}{', ...' if len(e.zones) > 3 else ''})[/]"
         table.add_row(str(e.seq), e.at.replace("T", " ").rstrip("Z"), e.op.value, path, short_hash(e.hash),
                       human_size(e.size) if e.hash else "-", e.origin, str(e.snapshot_id or ""))
     out.print(table)
@@ -65,12 +66,12 @@ def _render_diff(out: Console, diffs: list[DocDiff]) -> None:
         out.print("No differences.")
         return
     for d in diffs:
-        head = f"[bold]{d.status}[/] {d.path}"
+        head = f"[bold]{d.status}[/] {escape(d.path)}"
         if d.old_path:
-            head += f" (from {d.old_path})"
+            head += escape(f" (from {d.old_path})")
         out.print(f"{head}  [dim]{d.kind.value}, against {d.against}[/]")
         if d.note:
-            out.print(f"  [dim]{d.note}[/]")
+            out.print(f"  [dim]{escape(d.note)}[/]")
         for f in d.fields:
             if f.change == "changed":
                 out.print(f"  ~ {f.path}: {f.old!r} -> {f.new!r}", markup=False)
@@ -122,7 +123,7 @@ def _render_snapshots(out: Console, infos: list[SnapshotInfo]) -> None:
         table.add_column(col)
     for s in infos:
         table.add_row(f"#{s.id}", s.created_at.replace("T", " ").rstrip("Z"), s.trigger, str(s.files),
-                      human_size(s.bytes), str(s.changed), s.message or "")
+                      human_size(s.bytes), str(s.changed), escape(s.message or ""))
     out.print(table)
 
 
@@ -147,9 +148,9 @@ def _render_restore(out: Console, r: RestoreReport) -> None:
     out.print(f"Restored snapshot #{r.snapshot_id}: {len(r.written)} file(s) written, "
               f"{len(r.deleted)} removed, {r.unchanged} already as they were.")
     for p in r.written[:20]:
-        out.print(f"  restored {p}")
+        out.print(f"  restored {p}", markup=False)
     for p in r.deleted[:20]:
-        out.print(f"  removed  {p}")
+        out.print(f"  removed  {p}", markup=False)
     if r.safety_snapshot_id:
         out.print(f"Undo with `syncengine restore {r.safety_snapshot_id}`.")
 

@@ -6,6 +6,7 @@ import sys
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from cli.main import Context, cli
 from cli.render import emit, json_option
@@ -77,20 +78,20 @@ def _render_sync(out: Console, r: SyncReport) -> None:
             out.print(f"Dry run: {len(r.plan)} action(s) planned, nothing written:")
             for a in r.plan:
                 conflict = f" [{a.conflict}]" if a.conflict else ""
-                out.print(f"  {a.action:<6} {a.path}{conflict}  [dim]({a.detail})[/]")
+                out.print(f"  {escape(f'{a.action:<6} {a.path}{conflict}')}  [dim]({escape(a.detail)})[/]")
     else:
         parts = []
         for label, n in (("downloaded", len(r.downloaded)), ("deleted here", len(r.deleted)),
                          ("moved", len(r.moved)), ("pushed", len(r.pushed))):
             if n:
                 parts.append(f"{n} {label}")
-        out.print(f"Synced with {r.server} ({r.workspace}): " + (", ".join(parts) if parts else "nothing to do")
-                  + f" in {r.seconds:.2f}s.")
+        done = ", ".join(parts) if parts else "nothing to do"
+        out.print(escape(f"Synced with {r.server} ({r.workspace}): {done} in {r.seconds:.2f}s."))
         for c in r.conflicts:
             how = c.resolution or "open, waiting for `syncengine resolve`"
             how += f", loser saved as {c.copy_path}" if c.copy_path else ""
-            out.print(f"  conflict {c.kind} {c.path}: {how}")
+            out.print(escape(f"  conflict {c.kind} {c.path}: {how}"))
         if r.open_conflicts:
             out.print(f"[bold red]{r.open_conflicts} conflict(s) need you:[/] see `syncengine conflicts`.")
     for p in r.problems[:20]:
-        out.print(f"[yellow]! {p.path}: {p.reason}[/]")
+        out.print(f"[yellow]! {escape(p.path)}: {escape(p.reason)}[/]")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from cli.main import Context, cli
 from cli.render import emit, json_option
@@ -38,11 +39,11 @@ def init(ctx: Context, path: Path, server: str | None, name: str | None, token_f
 
 def _render_init(out: Console, report) -> None:
     if report.created:
-        out.print(f"Initialised workspace [bold]{report.root}[/] with {report.files} file(s).")
+        out.print(f"Initialised workspace [bold]{escape(report.root)}[/] with {report.files} file(s).")
     else:
-        out.print(f"Connected workspace [bold]{report.root}[/] ({report.files} file(s)) to a server.")
+        out.print(f"Connected workspace [bold]{escape(report.root)}[/] ({report.files} file(s)) to a server.")
     if report.server:
-        out.print(f"Server: {report.server}  workspace: {report.workspace}")
+        out.print(f"Server: {escape(report.server)}  workspace: {escape(report.workspace or '')}")
 
 
 @cli.command()
@@ -57,7 +58,7 @@ def status(ctx: Context, as_json: bool) -> int:
 
 
 def _render_status(out: Console, st: Status) -> None:
-    out.print(f"Workspace [bold]{st.root}[/]: {st.files} file(s)")
+    out.print(f"Workspace [bold]{escape(st.root)}[/]: {st.files} file(s)")
     p = st.pending
     if p.total:
         parts = [f"{n} {label}" for n, label in ((p.created, "created"), (p.modified, "modified"),
@@ -65,7 +66,7 @@ def _render_status(out: Console, st: Status) -> None:
         out.print(f"Pending sync: {', '.join(parts)}")
         for item in st.pending_paths[:20]:
             extra = f" (from {item.old_path})" if item.old_path else ""
-            out.print(f"  {item.op:<9} {item.path}{extra}")
+            out.print(escape(f"  {item.op:<9} {item.path}{extra}"))
         if p.total > 20:
             out.print(f"  ... and {p.total - 20} more")
     else:
@@ -73,12 +74,12 @@ def _render_status(out: Console, st: Status) -> None:
     if st.conflicts:
         out.print(f"[bold red]Conflicts: {len(st.conflicts)}[/] (see `syncengine conflicts`)")
         for c in st.conflicts[:10]:
-            out.print(f"  {c.kind:<16} {c.path}")
+            out.print(escape(f"  {c.kind:<16} {c.path}"))
     else:
         out.print("Conflicts: none")
     if st.last_snapshot:
         s = st.last_snapshot
-        msg = f" \"{s.message}\"" if s.message else ""
+        msg = escape(f" \"{s.message}\"") if s.message else ""
         out.print(f"Last snapshot: #{s.id} {s.created_at} ({s.trigger}){msg}; "
                   f"{st.since_snapshot} path(s) changed since")
     else:
@@ -86,10 +87,10 @@ def _render_status(out: Console, st: Status) -> None:
     sync = st.sync
     if sync.server:
         when = sync.last_sync_at or "never"
-        state = "" if sync.last_sync_ok in (None, True) else f" [red](failed: {sync.last_error})[/]"
-        out.print(f"Last sync: {when} with {sync.server} ({sync.workspace}){state}")
+        state = "" if sync.last_sync_ok in (None, True) else f" [red](failed: {escape(sync.last_error or '')})[/]"
+        out.print(f"Last sync: {when} with {escape(sync.server)} ({escape(sync.workspace or '')}){state}")
         if sync.stalled:
-            out.print(f"[bold red]Syncing has stalled:[/] {sync.stalled}")
+            out.print(f"[bold red]Syncing has stalled:[/] {escape(str(sync.stalled))}")
     else:
         out.print("Last sync: no server configured")
     if st.daemon is not None:
@@ -105,7 +106,7 @@ def _render_status(out: Console, st: Status) -> None:
         if d.running and d.warning:
             out.print(f"  [yellow]last warning: {d.warning}[/]")
     for problem in st.errors[:10]:
-        out.print(f"[yellow]! {problem.path}: {problem.reason}[/]")
+        out.print(f"[yellow]! {escape(problem.path)}: {escape(problem.reason)}[/]")
 
 
 @cli.command()
@@ -124,6 +125,6 @@ def _render_repair(out: Console, report) -> None:
         out.print(f"The journal is healthy ({report.files} file(s)); nothing to repair.")
         return
     if report.moved_aside:
-        out.print(f"Moved the damaged journal aside to {report.moved_aside}.")
+        out.print(escape(f"Moved the damaged journal aside to {report.moved_aside}."))
     out.print(f"Rebuilt the journal from {report.files} file(s). The next sync deletes nothing "
               "and turns any difference with the server into a conflict.")

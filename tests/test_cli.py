@@ -221,3 +221,24 @@ def test_diff_yaml_toml_fields_and_since_through_the_cli(ws_root: Path):
     assert [d["path"] for d in only] == ["config/labels.yaml"]
     human = run_cli("-C", ws_root, "diff", "--since", str(first))
     assert human.code == 0 and "config/labels.yaml" in human.stdout and "#000000" in human.stdout
+
+
+def test_names_with_brackets_are_printed_as_they_are(tmp_path: Path):
+    """A path or message like `notes [draft].md` is shown verbatim, never read as terminal markup."""
+    from syncengine.testing import make_tree
+
+    root = tmp_path / "br"
+    names = ["notes [draft].md", "[red]x[i].md", "d [b]/y[link=z].txt"]
+    make_tree(root, {name: f"{n}\n" for n, name in enumerate(names)})
+    outputs = [run_cli("init", root).stdout, run_cli("-C", root, "status").stdout,
+               run_cli("-C", root, "log").stdout]
+    outputs.append(run_cli("-C", root, "snapshot", "-m", "[bold]before[/] [draft]").stdout)
+    outputs.append(run_cli("-C", root, "snapshots").stdout)
+    for name in names:
+        (root / name).write_text("edited\n")
+    outputs += [run_cli("-C", root, "status").stdout, run_cli("-C", root, "diff").stdout]
+    outputs.append(run_cli("-C", root, "restore", "latest").stdout)
+    text = "\n".join(outputs)
+    for name in names:
+        assert text.count(name) >= 5, (name, text)
+    assert "[bold]before[/] [draft]" in text

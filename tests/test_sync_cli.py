@@ -402,3 +402,17 @@ def test_a_local_workspace_is_connected_to_a_server_later_with_init(kit, tmp_pat
     again = run_cli(*connect)
     assert again.code == 5 and "already" in again.stderr and again.stderr.count("\n") == 1
     assert run_cli("init", root).code == 5
+
+
+def test_sync_prints_names_with_brackets_as_they_are(kit):
+    """The plan, its conflict marks and the conflicts of a round show `notes [draft].md` verbatim."""
+    a = kit.replica({"notes [draft].md": "v1\n"})
+    b = kit.replica()
+    converge(a, b)
+    a.write("notes [draft].md", "v2 by a\n")
+    a.sync()
+    b.write("notes [draft].md", "v2 by b\n")
+    plan = b.cli("sync", "--dry-run")
+    assert plan.code == 0 and "notes [draft].md [both-modified]" in plan.stdout, plan.stdout
+    done = b.cli("sync")
+    assert done.code == 0 and "conflict both-modified notes [draft].md: " in done.stdout, done.stdout
