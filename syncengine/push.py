@@ -14,7 +14,7 @@ resolves on top of it (only the refused replica resolves — no ping-pong).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,14 +73,16 @@ def _blob_source(root: Path, row: DocRow, blobs: BlobStore, keep: list[bytes] | 
     return BlobSource.from_path(path, digest, st.size)
 
 
-def _keep_bases(blobs: BlobStore, keep: dict[str, bytes], pool: ThreadPoolExecutor | None) -> dict[str, Exception]:
-    """Store the next bases of a batch; returns the hashes that failed, with why.
+def _keep_bases(blobs: BlobStore, keep: dict[str, bytes],
+                pool: ThreadPoolExecutor | None) -> Callable[[], dict[str, Exception]]:
+    """Start storing the next bases of a batch; the returned wait() gives the hashes that failed, with why.
 
     Each blob is fsynced before it takes its name, and an fsync costs about
     a millisecond whatever its size: a batch of 100 stored one after another
     spent most of a first sync waiting on them. The fsyncs of one batch run
-    side by side on a few threads (the GIL is released while they wait); all
-    are done before the batch's journal rows are written.
+    side by side on a few threads (the GIL is released while they wait),
+    while the batch's blobs go up; all are done before the batch is
+    committed, so a base that could not be kept is never committed.
     """
     def put(item: tuple[str, bytes]) -> tuple[str, Exception | None]:
         try:
@@ -89,8 +91,16 @@ def _keep_bases(blobs: BlobStore, keep: dict[str, bytes], pool: ThreadPoolExecut
             return item[0], exc
         return item[0], None
 
-    done = pool.map(put, keep.items()) if pool is not None and len(keep) > 1 else map(put, keep.items())
-    return {digest: exc for digest, exc in done if exc is not None}
+    if pool is None or len(keep) <= 1:
+        failed = {digest: exc for digest, exc in map(put, keep.items()) if exc is not None}
+        return lambda: failed
+    futures = [pool.submit(put, item) for item in keep.items()]
+
+    def wait() -> dict[str, Exception]:
+        done = (future.result() for future in futures)
+        return {digest: exc for digest, exc in done if exc is not None}
+
+    return wait
 
 
 def push(
@@ -138,23 +148,26 @@ def _push_batch(root: Path, journal: Journal, blobs: BlobStore, remote: Remote, 
             ready.append(row)
         except (ChangedUnderfoot, FileSystemError, OSError) as exc:
             result.problems.append(ScanProblem(row.path or "?", getattr(exc, "message", str(exc))))
-    unkept = _keep_bases(blobs, keep, pool)
+    kept = _keep_bases(blobs, keep, pool)
+    try:
+        if sources:
+            # upload() asks the server which blobs it lacks and sends only those, in packs.
+            # A blob whose base is not kept may go up too: unreferenced, it is harmless.
+            report = remote.upload(list(sources.values()))
+            result.uploaded += len(report.uploaded)
+            failed = {failure.hash for failure in report.failed}
+            for failure in report.failed:
+                result.problems.append(ScanProblem(failure.hash[:12], f"upload failed: {failure.reason}"))
+            ready = [row for row in ready if row.hash not in failed or row.path is None]
+    finally:
+        unkept = kept()  # never leave a store running behind an error
     if unkept:
         for row in ready:
             if row.path is not None and row.hash in unkept:
                 exc = unkept[row.hash]
                 result.problems.append(ScanProblem(row.path, getattr(exc, "message", str(exc))))
         ready = [row for row in ready if row.path is None or row.hash not in unkept]
-        for digest in unkept:
-            sources.pop(digest, None)
     if sources:
-        # upload() asks the server which blobs it lacks and sends only those, in packs.
-        report = remote.upload(list(sources.values()))
-        result.uploaded += len(report.uploaded)
-        failed = {failure.hash for failure in report.failed}
-        for failure in report.failed:
-            result.problems.append(ScanProblem(failure.hash[:12], f"upload failed: {failure.reason}"))
-        ready = [row for row in ready if row.hash not in failed or row.path is None]
         failpoint("push.after_upload")
     failpoint("push.before_commit")
     items = [commit_item(row, client_id) for row in ready]
