@@ -153,7 +153,8 @@ def token_list(workspace, db_url, data_dir, as_json) -> None:
             label = f"  {r['label']}" if r["label"] else ""
             console.print(
                 f"{r['id']}  {r['workspace']}  {r['prefix']}…  "
-                f"created {r['created']}  {state}{label}"
+                f"created {r['created']}  {state}{label}",
+                markup=False,
             )
 
     emit(rows, as_json, human)

@@ -30,6 +30,9 @@ def test_token_create_prints_only_the_token_and_list_never_shows_it(tmp_path, ca
     assert rows[0]["prefix"] == token[:6] and token not in listing
     code, human, _ = _run(capsys, "token", "list", "--data", data)
     assert rows[0]["id"] in human and token not in human
+    _run(capsys, "token", "create", "-w", "alpha", "--label", "[laptop] ana", "--data", data)
+    code, human, _ = _run(capsys, "token", "list", "--data", data)
+    assert code == 0 and "[laptop] ana" in human  # a label is printed as it is, never as markup
 
 
 def test_token_commands_refuse_bad_input_with_usage_errors(tmp_path, capsys):
