@@ -174,6 +174,9 @@ def _round(ws: Workspace, remote: Remote, strategy_for, pct: float, force: bool,
         _fetch_blobs(ws, remote, plan, progress)
         ctx.result.underfoot.clear()
         applier.apply_plan(ctx, plan)
+        # What this pass merged is committed: publish it now, whatever the rest of the round does.
+        ws.publish_zones(ctx.result.touched, origin="merge")
+        ctx.result.touched.clear()
         changed_underfoot = bool(ctx.result.underfoot) and passes < MAX_PASSES
         if ctx.result.copies or changed_underfoot:
             # Journal the conflict copies (pushed like any file) and the edits
@@ -200,7 +203,6 @@ def _round(ws: Workspace, remote: Remote, strategy_for, pct: float, force: bool,
     journal.update_state(last_sync_at=time.time_ns(), last_sync_ok=True, last_error=None, unreachable_since=None)
     applied = ctx.result
     problems += applied.problems
-    ws.publish_zones(applied.touched, origin="merge")
     return SyncReport(
         server=remote_url(ws), workspace=ws.config.server.workspace, dry_run=False, pulled=entries,
         full_listing=pulled.full, downloaded=tuple(applied.downloaded), deleted=tuple(applied.deleted),

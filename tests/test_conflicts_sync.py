@@ -360,3 +360,19 @@ def test_a_modification_brought_back_over_a_local_deletion_publishes_its_zones(n
     assert load(b, "plan.json")["title"] == "A"
     (event,) = [e for e in zone_events(b) if e["path"] == "plan.json"]
     assert (event["fields"], event["origin"]) == (["$"], "merge")
+
+
+def test_a_merge_is_published_even_when_the_round_fails_after_it(net, monkeypatch):
+    """The merge is committed before the push; a round that then fails still tells the zones channel."""
+    a, b = net.replicas_of({**KEEP, "plan.json": jtext(ZONES)}, 2)
+    write(a, "plan.json", edited(ZONES, title="A"))
+    a.sync()
+    write(b, "plan.json", edited(ZONES, meta__owner="bo"))
+    monkeypatch.setenv("SYNCENGINE_FAILPOINT", "push.before_commit=raise")
+    with pytest.raises(RuntimeError):
+        b.sync()
+    monkeypatch.delenv("SYNCENGINE_FAILPOINT")
+    assert load(b, "plan.json")["title"] == "A"
+    (event,) = [e for e in zone_events(b) if e["path"] == "plan.json"]
+    assert (event["fields"], event["origin"]) == (["title"], "merge")
+    assert json.loads(net.settle(a, b)["plan.json"])["meta"]["owner"] == "bo"
