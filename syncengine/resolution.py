@@ -156,8 +156,11 @@ def _settle(ws: Workspace, row: DocRow, conflict: dict[str, Any], take: str | No
         values["local_at"] = now_ns()
         ctx.updates.append((row.doc_id, values))
         settled = {**conflict, "resolved_at": now_ns(), "resolution": take or "edited"}
+        # The server version it was settled against (newer than the conflict's if the
+        # server moved on): named here, its blob stays out of gc's reach.
         ctx.conflict_rows.append({"id": conflict["id"], "resolved_at": settled["resolved_at"],
-                                  "resolution": settled["resolution"]})
+                                  "resolution": settled["resolution"], "remote_hash": row.remote_hash,
+                                  "remote_rev": row.remote_rev})
         applying.flush(ctx)
     finally:
         applying.end_apply(ws.root)

@@ -6,6 +6,7 @@ failpoint must kill a real `syncengine sync` (run_proc).
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -179,3 +180,15 @@ def test_resolve_take_local_keeps_the_remote_loser_restorable(net):
     lost = next(s for s in b.snapshots() if s.trigger == "conflict")
     assert cli(b, "restore", str(lost.id), "plan.json").code == 0
     assert (b.root / "plan.json").read_bytes() == (a.root / "plan.json").read_bytes()
+
+
+def test_a_resolution_records_the_server_version_it_was_settled_against(net):
+    """After the server moved on, the settled conflict names the newer server version, which gc then keeps."""
+    a, b = manual_conflict(net, {**DOC, "title": "A"}, {**DOC, "title": "B"})
+    write(a, "plan.json", {**DOC, "title": "A2"})
+    assert cli(a, "sync").code == 0
+    assert cli(b, "sync").code == 1  # pulls A2; the conflict stays open
+    assert cli(b, "resolve", "plan.json", "--take", "local").code == 0
+    (row,) = b.journal.conflicts(include_resolved=True)
+    a2 = hashlib.sha256((a.root / "plan.json").read_bytes()).hexdigest()
+    assert row["remote_hash"] == a2 and a2 in b.journal.referenced_hashes()
