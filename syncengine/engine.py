@@ -43,8 +43,8 @@ from syncengine.paths import IgnoreRules, check_path
 class Workspace:
     """A synced folder: its files, journal, blob store and settings."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root).absolute()
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).expanduser().absolute()
         self.layout = workspace.Layout(self.root)
         self.config = Config.load(self.layout.config)
         self.ignore = IgnoreRules(self.root)
@@ -58,7 +58,7 @@ class Workspace:
     @classmethod
     def find(cls, start: Path | str = ".") -> Workspace:
         """The workspace containing ``start`` (like git); NotAWorkspace otherwise."""
-        return cls(workspace.find_root(Path(start)))
+        return cls(workspace.find_root(Path(start).expanduser()))
 
     @classmethod
     def init(
@@ -78,6 +78,7 @@ class Workspace:
         stays; the report says ``created=False``); one that has a server
         already is refused.
         """
+        path = Path(path).expanduser()
         config = config or Config()
         if server:
             config.server.url = server.rstrip("/")

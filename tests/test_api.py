@@ -1,0 +1,25 @@
+"""The Python API as the README shows it: `Workspace.find`, status, snapshot, sync."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from syncengine import Workspace
+from syncengine.testing import make_tree
+
+
+def test_the_readme_example_runs_with_a_home_relative_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """`Workspace.find("~/papers")` expands ~ like a shell would; init and the constructor do too."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    make_tree(tmp_path / "papers", {"invoices/a.json": '{"a": 1}\n'})
+    ws, report = Workspace.init("~/papers")
+    ws.close()
+    assert report.root == str(tmp_path / "papers") and not (Path.cwd() / "~").exists()
+    with Workspace.find("~/papers/invoices") as ws:
+        assert ws.root == tmp_path / "papers"
+        assert ws.status().pending.created == 1
+        assert ws.snapshot("before the big edit").files == 1
+    with Workspace("~/papers") as ws:
+        assert ws.root == tmp_path / "papers"
