@@ -23,3 +23,15 @@ def test_the_readme_example_runs_with_a_home_relative_path(tmp_path: Path, monke
         assert ws.snapshot("before the big edit").files == 1
     with Workspace("~/papers") as ws:
         assert ws.root == tmp_path / "papers"
+
+
+@pytest.mark.integration
+def test_the_readme_sync_example(tmp_path: Path, server):
+    """init with a server, then `ws.sync(strategy="keep-both")` returns a report of what was pushed."""
+    make_tree(tmp_path / "papers", {"a.md": "a\n", "b/c.json": '{"c": 1}\n'})
+    ws, _report = Workspace.init(tmp_path / "papers", server=server.url, name="papers",
+                                 token=server.token("papers"))
+    with ws:
+        report = ws.sync(strategy="keep-both")
+        assert sorted(report.pushed) == ["a.md", "b/c.json"] and report.conflicts == ()
+        assert report.exit_code == 0 and ws.status().pending.total == 0
