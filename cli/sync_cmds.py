@@ -31,8 +31,9 @@ def sync(ctx: Context, strategy: str | None, dry_run: bool, max_delete: float | 
     """Exchange changes with the server: pull, merge, push.
 
     Exit 0 when done, 1 when manual conflicts remain, 3 when the server is
-    unreachable (local changes stay queued), 4 when the token is refused, 6
-    when a safety guard stopped the run.
+    unreachable or failing (local changes stay queued), 4 when the token is
+    refused, 5 outside a workspace or with a damaged journal, 6 when a safety
+    guard stopped the run, 7 when another sync holds the lock past --wait.
     """
     with open_workspace(ctx) as ws, _progress(enabled=not as_json and sys.stderr.isatty()) as progress:
         report = ws.sync(strategy=strategy, dry_run=dry_run, force=force, max_delete=max_delete,
