@@ -77,6 +77,8 @@ class Daemon:
         self._autosave_reason: str | None = None
         self._next_rescan = 0.0
         self._next_health = 0.0
+        self._seen_local = 0  # the newest local change row a sync was asked for
+        self._next_local_check = 0.0
         self._guard = threading.Lock()
         self._state = {"pid": os.getpid(), "started_at": iso(time.time_ns()), "state": "starting",
                        "watcher": "none", "live": "off", "sync": "idle"}
@@ -183,6 +185,7 @@ class Daemon:
             self._warm_up()
             if self.ws.journal.unsnapshotted_count():
                 self._snapshot("unsnapshotted changes found at start")
+            self._seen_local = self._last_local_seq()  # the sync worker's first round takes these
             self._set(state="watching")
             while not self._stop.is_set():
                 self.tracker.wait(self._timeout())
@@ -243,8 +246,29 @@ class Daemon:
             self._rescan("periodic safety rescan")
         if now >= self._next_health:
             self._health()
+        self._others_journaled()
+
+    def _last_local_seq(self) -> int:
+        rows = self.ws.journal.execute("SELECT seq FROM change WHERE origin = 'local' ORDER BY seq DESC LIMIT 1")
+        return next(iter(rows), (0,))[0]
+
+    def _others_journaled(self) -> None:
+        """Sync local changes another process journaled (`status` and `snapshot` scan first).
+
+        The tracker then finds those files unchanged, so without this an edit a
+        `syncengine status` happened to journal would wait for the next poll.
+        """
+        now = time.monotonic()
+        if now < self._next_local_check:
+            return
+        self._next_local_check = now + TICK
+        seq = self._last_local_seq()
+        if seq > self._seen_local:
+            self._seen_local = seq
+            self.sync.trigger("local changes journaled by another process")
 
     def _changed(self, paths: list[str], now: float) -> None:
+        self._seen_local = self._last_local_seq()
         self.sync.trigger("local changes")  # syncing never waits for autosave
         reason = self.autosave.note(paths, now)
         if reason:
@@ -302,7 +326,17 @@ class Daemon:
             self._autosave_reason = reason  # after the round
             return
         self._autosave_reason = None
+        # The snapshot scans first, and what its scan journals the tracker then finds unchanged:
+        # journal what the tracker holds through the tracker (zones, processing), and sync
+        # whatever the scan still found, or an edit could wait for the next poll.
+        self.tracker.wait(0)
+        batch = self.tracker.step(force=True)
+        if batch is not None and batch.changes:
+            self.sync.trigger("local changes")
+        before = self._last_local_seq()
         info = self.ws.snapshot(f"autosave: {reason}", trigger="auto", skip_if_unchanged=True)
+        if self._last_local_seq() > before:
+            self.sync.trigger("changes a snapshot's scan found")
         self.autosave.taken(time.monotonic())
         if info is not None:
             self.snapshots += 1

@@ -210,3 +210,22 @@ def test_inotify_overflow_leads_to_a_rescan_and_a_warning(tmp_path: Path, daemon
     with Workspace(root) as ws:
         info = ws.daemon_info()
     assert info.warning and "overflow" in info.warning
+
+
+def test_an_edit_another_process_journaled_is_synced_at_once(tmp_path: Path, server, daemons: Daemons):
+    """`status` scans first: an edit it journals before the watcher's look (the tracker then finds the
+    file unchanged) is still synced at once, not at the next poll an hour later."""
+    token = server.token("docs")
+    slow_poll = {"daemon": {"poll_interval": 3600.0}}
+    a = make_ws(tmp_path / "A", server=server, token=token, files={".syncignore": ".git/\n"}, config=slow_poll)
+    b = make_ws(tmp_path / "B", server=server, token=token, config=slow_poll)
+    daemons.start(a)
+    daemons.start(b)
+    wait_until(lambda: daemons.state(a).get("live") == "connected" and daemons.state(b).get("live") == "connected",
+               timeout=15, message="both daemons to subscribe to live updates")
+    (a / ".git").mkdir()
+    (a / ".git/index.lock").write_text("")  # the tracker holds the edit back; `status` does not
+    (a / "x.txt").write_text("journaled by status")
+    assert json.loads(run_proc("-C", a, "status", "--json").stdout)["pending"]["created"] == 1
+    os.unlink(a / ".git/index.lock")
+    wait_until(lambda: _text(b / "x.txt") == "journaled by status", timeout=20, message="the edit in B")
