@@ -242,3 +242,15 @@ def test_names_with_brackets_are_printed_as_they_are(tmp_path: Path):
     for name in names:
         assert text.count(name) >= 5, (name, text)
     assert "[bold]before[/] [draft]" in text
+
+
+@pytest.mark.parametrize("text", ["[server\n", '[sync]\nmax_delete = "lots"\n'], ids=["not-toml", "wrong-type"])
+def test_a_malformed_config_exits_2_naming_the_file(ws_root: Path, text: str):
+    """A config.toml that is not TOML or holds a wrong type: exit 2, one line naming it; nothing is touched."""
+    config = ws_root / ".syncengine" / "config.toml"
+    config.write_text(text)
+    for command in (["status"], ["sync"], ["snapshot"]):
+        result = run_cli("-C", ws_root, *command)
+        assert result.code == 2, (command, result.stderr)
+        assert result.stderr.count("\n") == 1 and "config.toml" in result.stderr
+    assert config.read_text() == text
