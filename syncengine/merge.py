@@ -194,15 +194,17 @@ class _FieldMerge:
             return lv
         rule = rule_for(path, self.rules)
         both = (type(lv), type(rv))
-        if rule == "union" and both == (list, list) and (b is MISSING or type(b) is list):
-            self.settled.append(path)
-            return self.union([] if b is MISSING else b, lv, rv)
         if both == (dict, dict) and (b is MISSING or type(b) is dict):
             return self.mapping(path, {} if b is MISSING else b, lv, rv)
         if both == (list, list) and (b is MISSING or type(b) is list):
+            # Items with ids match by id, even under `union` (which would keep
+            # two versions of an item edited on both sides: two items, one id).
             indexes = [id_index([] if b is MISSING else b), id_index(lv), id_index(rv)]
             if all(index is not None for index in indexes) and any(indexes):
                 return self.id_list(path, *indexes)
+            if rule == "union":
+                self.settled.append(path)
+                return self.union([] if b is MISSING else b, lv, rv)
         return self.collide(path, rule, lv, rv)
 
     def collide(self, path: str, rule: str | None, lv: Any, rv: Any) -> Any:

@@ -420,3 +420,15 @@ def test_bad_arguments_are_usage_errors():
 def test_merge_order(base, a, b, expected):
     """Orders merge by position; same-spot inserts are ordered the same whichever side is a."""
     assert "".join(merge_order(list(base), list(a), list(b))) == expected
+
+
+def test_union_on_a_list_of_id_items_still_matches_items_by_id():
+    """`union` on a list whose items carry ids never yields two items with one id: a clash is a conflict."""
+    def doc(z1, z2):
+        return js({"zones": [{"id": "z1", "t": z1}, {"id": "z2", "t": z2}]})
+
+    base = doc("a", "x")
+    clash = merge(Kind.JSON, base, doc("b", "x"), doc("c", "x"), rules={"zones": "union"})
+    assert clash.merged is None and clash.conflicts == ("zones[id=z1].t",)
+    apart = merge(Kind.JSON, base, doc("b", "x"), doc("a", "y"), rules={"zones": "union"})
+    assert apart.merged == merge(Kind.JSON, base, doc("b", "x"), doc("a", "y")).merged
