@@ -156,8 +156,10 @@ def _push_batch(root: Path, journal: Journal, blobs: BlobStore, remote: Remote, 
             report = remote.upload(list(sources.values()))
             result.uploaded += len(report.uploaded)
             failed = {failure.hash for failure in report.failed}
+            paths = {row.hash: row.path for row in ready if row.path}
             for failure in report.failed:
-                result.problems.append(ScanProblem(failure.hash[:12], f"upload failed: {failure.reason}"))
+                where = paths.get(failure.hash) or failure.hash[:12]
+                result.problems.append(ScanProblem(where, f"upload failed: {failure.reason}"))
             ready = [row for row in ready if row.hash not in failed or row.path is None]
     finally:
         unkept = kept()  # never leave a store running behind an error

@@ -701,11 +701,17 @@ class HttpRemote(Remote):
                 info = _safe_json(resp)
                 if info.get("error") == "hash_mismatch":
                     return "content changed since it was hashed"
+            if resp.status_code == 413:
+                # This blob only: the rest of the round goes on without its document.
+                message = _safe_json(resp).get("message") or "over the server's limit"
+                return f"too large for the server ({message})"
             return None
 
         headers = {"Content-Type": "application/octet-stream", "Content-Encoding": "gzip"}
         try:
-            self._call(
+            # A refusal's reason comes back as the call's value (it was dropped, so a
+            # refused blob counted as stored and its commit failed instead).
+            return self._call(
                 "PUT",
                 f"{self._base}/blobs/{source.hash}",
                 lambda r: None,
@@ -716,7 +722,6 @@ class HttpRemote(Remote):
             )
         except OSError as exc:
             return f"cannot read: {exc.strerror or exc}"
-        return None
 
     # ------------------------------------------------------------ blobs down
 

@@ -416,3 +416,25 @@ def test_sync_prints_names_with_brackets_as_they_are(kit):
     assert plan.code == 0 and "notes [draft].md [both-modified]" in plan.stdout, plan.stdout
     done = b.cli("sync")
     assert done.code == 0 and "conflict both-modified notes [draft].md: " in done.stdout, done.stdout
+
+
+def test_a_file_too_large_for_the_server_is_reported_and_the_rest_syncs(tmp_path, server_factory):
+    """The server refuses one blob as too large (413): that file is named as a problem, every other change goes."""
+    from syncengine.server.app import ServerSettings
+    from syncengine.server.guard import Limits
+
+    server = server_factory(settings=ServerSettings(limits=Limits(blob=(1 << 20) + 4096)))
+    kit = Kit(tmp_path, server)
+    a = kit.replica({"small.txt": "s\n", "big.bin": os.urandom(3 << 20)})
+    b = kit.replica()
+    for _ in range(2):  # and again: the refusal is not a reason to stall
+        result = a.cli("sync", "--json")
+        assert result.code == 0, result.stderr
+        summary = result.json()
+        assert summary["pushed"] in (["small.txt"], [])
+        assert [p["path"] for p in summary["problems"]] == ["big.bin"]
+        assert "too large" in summary["problems"][0]["reason"]
+    assert [c.path for c in kit.log()] == ["small.txt"]
+    assert a.status().pending.created == 1
+    b.sync()
+    assert b.tree() == {"small.txt": b"s\n"}
