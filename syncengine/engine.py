@@ -366,6 +366,8 @@ class Workspace:
             report = syncing.sync_once(self, remote=remote, strategy=strategy, dry_run=dry_run, force=force,
                                        max_delete=max_delete, wait=wait, progress=progress)
         except RemoteError as exc:
+            if dry_run:  # a dry run writes nothing, its failure included
+                raise
             state = self.journal.state()
             self.journal.update_state(last_sync_ok=False, last_error=exc.one_line()[:500],
                                       unreachable_since=state["unreachable_since"] or time.time_ns())

@@ -438,3 +438,16 @@ def test_a_file_too_large_for_the_server_is_reported_and_the_rest_syncs(tmp_path
     assert a.status().pending.created == 1
     b.sync()
     assert b.tree() == {"small.txt": b"s\n"}
+
+
+def test_a_dry_run_against_an_unreachable_server_exits_3_and_writes_nothing(kit):
+    """--dry-run writes nothing even when it fails: the failure is not recorded in the journal."""
+    a = kit.replica({"a.md": "a\n"})
+    a.sync()
+    a.write("a.md", "edited\n")
+    a.status()
+    state = _state_bytes(a)
+    result = a.cli("sync", "--dry-run", env={"SYNCENGINE_SERVER": _dead_url()})
+    assert result.code == 3 and result.stderr.count("\n") == 1
+    assert _state_bytes(a) == state
+    assert a.status().sync.last_sync_ok is True
