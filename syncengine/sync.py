@@ -14,7 +14,9 @@ import os
 import sqlite3
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -238,11 +240,28 @@ def _fetch_blobs(ws: Workspace, remote: Remote, plan: list[tuple[DocRow, Action]
         return
     if progress:
         progress("download", 0, len(wanted))
-    for done, blob in enumerate(remote.fetch(wanted), 1):
-        if blob.ok:
-            ws.blobs.put_stream(blob.chunks(), expect=blob.hash)
-        if progress:
-            progress("download", done, len(wanted))
+    # Each stored blob waits on its own fsync; small ones are stored side by
+    # side on a few threads (as push keeps its bases) while the next pack
+    # streams in. A large blob is stored at once: its bytes live in a temp
+    # file that goes when the fetch moves on. At most _STORING small blobs
+    # are in flight, so memory stays bounded by about one pack.
+    with ThreadPoolExecutor(_STORE_THREADS, thread_name_prefix="fetch-store") as pool:
+        storing: deque[Future] = deque()
+        for done, blob in enumerate(remote.fetch(wanted), 1):
+            if blob.ok and blob.data is not None:
+                storing.append(pool.submit(ws.blobs.put_stream, [blob.data], expect=blob.hash))
+            elif blob.ok:
+                ws.blobs.put_stream(blob.chunks(), expect=blob.hash)
+            while len(storing) > _STORING or (storing and storing[0].done()):
+                storing.popleft().result()
+            if progress:
+                progress("download", done, len(wanted))
+        while storing:
+            storing.popleft().result()
+
+
+_STORE_THREADS = 8
+_STORING = 256
 
 
 def _dry_run(ws: Workspace, remote: Remote, pct: float, started: float) -> SyncReport:
