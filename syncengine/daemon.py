@@ -278,7 +278,7 @@ class Daemon:
         """Before a round: give the tracker a moment to journal what is due, so rounds cannot starve it."""
         deadline = time.monotonic() + limit
         while not self._stop.is_set() and time.monotonic() < deadline:
-            due = self.tracker.next_deadline()
+            due = self.tracker.next_event_deadline()  # a racy stat's second look can wait for the round
             if due is None or due > time.monotonic() + self.tracker.pending.settle:
                 return  # nothing due now (a later second look does not hold the round)
             time.sleep(0.005)

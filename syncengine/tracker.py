@@ -108,8 +108,10 @@ class Pending:
         self.settle = settle
         self.cap = max(cap, settle)
         self.entries: dict[tuple[str, str], list[float]] = {}  # (kind, path) -> [first, last, not_before]
+        self.rechecks: set[tuple[str, str]] = set()  # second looks no event asked for (racy stats)
 
     def add(self, kind: str, path: str, now: float, not_before: float = 0.0) -> None:
+        self.rechecks.discard((kind, path))
         entry = self.entries.get((kind, path))
         if entry is None:
             self.entries[(kind, path)] = [now, now, not_before]
@@ -121,14 +123,25 @@ class Pending:
         first, last, not_before = entry
         return max(not_before, min(last + self.settle, first + self.cap))
 
-    def next_deadline(self) -> float | None:
-        return min((self._deadline(e) for e in self.entries.values()), default=None)
+    def recheck(self, kind: str, path: str, now: float, not_before: float) -> None:
+        """A second look of our own (not asked for by an event): it need not go before a sync round."""
+        fresh = (kind, path) not in self.entries
+        self.add(kind, path, now, not_before)
+        if fresh:
+            self.rechecks.add((kind, path))
+
+    def next_deadline(self, rechecks: bool = True) -> float | None:
+        # list() copies in one step: the sync worker asks this while the journal worker adds entries.
+        entries = list(self.entries.items())
+        skip = set(self.rechecks) if not rechecks else set()
+        return min((self._deadline(e) for key, e in entries if key not in skip), default=None)
 
     def take_due(self, now: float) -> list[tuple[str, str]]:
         """Remove and return every (kind, path) whose deadline has passed."""
         due = [key for key, entry in self.entries.items() if self._deadline(entry) <= now]
         for key in due:
             del self.entries[key]
+            self.rechecks.discard(key)
         return due
 
     def __len__(self) -> int:
@@ -225,6 +238,10 @@ class ChangeTracker:
     def next_deadline(self) -> float | None:
         return self.pending.next_deadline()
 
+    def next_event_deadline(self) -> float | None:
+        """When the next path an event asked about is due (our own second looks left out)."""
+        return self.pending.next_deadline(rechecks=False)
+
     # ------------------------------------------------------------ looking
 
     def held(self, paths: list[str]) -> str | None:
@@ -320,7 +337,7 @@ class ChangeTracker:
                 # Written within a timestamp tick of this look: a same-size write in that
                 # tick would leave the stat as it is now, so look once more, hashing.
                 self.force_hash.add(rel)
-                self.pending.add("path", rel, now, not_before=now + 2 * RACY_NS / 1e9)
+                self.pending.recheck("path", rel, now, not_before=now + 2 * RACY_NS / 1e9)
             unchanged = entry is not None and (st.size, st.mtime_ns, st.ctime_ns, st.inode, st.mode) == entry[2:7]
             if unchanged and rel not in self.force_hash:
                 continue  # our own write, or an event that changed nothing

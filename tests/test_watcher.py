@@ -273,3 +273,13 @@ def test_watchdog_overflow_log_is_reported_as_a_loss(tmp_path: Path):
         assert lost and "overflow" in lost[0]
     finally:
         watcher.stop()
+
+
+def test_a_racy_second_look_does_not_hold_a_sync_round_back():
+    """A second look the tracker asked for itself (racy stat) is left out of what a round waits for."""
+    pending = Pending(settle=0.04, cap=0.2)
+    pending.recheck("path", "a", 0.0, not_before=0.1)
+    assert pending.next_deadline() == 0.1 and pending.next_deadline(rechecks=False) is None
+    pending.add("path", "a", 0.05)  # a real event on the same path: it counts again
+    assert pending.next_deadline(rechecks=False) == 0.1
+    assert pending.take_due(0.2) == [("path", "a")] and not pending.rechecks
