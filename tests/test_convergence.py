@@ -271,6 +271,31 @@ class Run:
                 self.ledger.add(self.name(r), value)
         self.note("same-json-edit")
 
+    def rival_edits(self) -> None:
+        """Two replicas edit one document before either syncs: other fields or lines (merged) or the same (a copy)."""
+        a, b = self.rng.sample(self.replicas, 2)
+        ext = self.rng.choice([".json", ".md", ".bin"])
+        common = [p for p in sorted(set(self.files(a, ext)) & set(self.files(b, ext))) if ".conflict-" not in p]
+        if not common:
+            return
+        rel = self.rng.choice(common)
+        same = self.rng.random() < 0.4
+        if ext == ".json":
+            keys = self.rng.sample(FIELDS, 2)
+            self.edit_json(a, None, rel, keys[0])
+            self.edit_json(b, None, rel, keys[0] if same else keys[1])
+        elif ext == ".md":
+            for r in (a, b):
+                lines = r.read(rel).decode(errors="replace").splitlines(keepends=True)
+                at = 0 if same or r is a else len(lines) - 1
+                if lines:
+                    lines[at] = f"line {self.ledger.token(self.name(r))}\n"
+                    self.put(r, rel, "".join(lines))
+        else:
+            for r in (a, b):
+                self.put(r, rel, self._binary(r))
+        self.note(f"rival-{'same' if same else 'other'}{ext}")
+
     def edit_text(self, r: Replica) -> None:
         texts = self.files(r, ".md")
         if not texts:
@@ -413,39 +438,17 @@ class Run:
     # ------------------------------------------------------------ the random walk
 
     def step(self) -> None:
-        rng = self.rng
-        r = rng.choice(self.replicas)
-        roll = rng.random()
-        if roll < 0.14:
-            self.create(r)
-        elif roll < 0.32:
-            self.edit_json(r)
-        elif roll < 0.43:
-            self.edit_text(r)
-        elif roll < 0.48:
-            self.edit_binary(r)
-        elif roll < 0.52:
-            self.same_json_edit()
-        elif roll < 0.57:
-            self.delete(r)
-        elif roll < 0.62:
-            self.move(r)
-        elif roll < 0.64:
-            self.chmod(r)
-        elif roll < 0.65:
-            self.snapshot(r)
-        elif roll < 0.66:
-            self.gc(r)
-        elif roll < 0.84:
-            self.sync(r)
-        elif roll < 0.88:
-            self.concurrent()
-        elif roll < 0.95:
-            self.drop_next()
-        elif roll < 0.99:
-            self.killed_sync(r)
-        else:
-            self.restart_server()
+        """One random step; the weights are a rough mix of typing, syncing and faults."""
+        r = self.rng.choice(self.replicas)
+        steps = [
+            (14, lambda: self.create(r)), (16, lambda: self.edit_json(r)), (10, lambda: self.edit_text(r)),
+            (5, lambda: self.edit_binary(r)), (4, self.same_json_edit), (5, self.rival_edits),
+            (5, lambda: self.delete(r)), (5, lambda: self.move(r)), (2, lambda: self.chmod(r)),
+            (1, lambda: self.snapshot(r)), (1, lambda: self.gc(r)), (17, lambda: self.sync(r)),
+            (4, self.concurrent), (6, self.drop_next), (4, lambda: self.killed_sync(r)), (1, self.restart_server),
+        ]
+        action = self.rng.choices([a for _w, a in steps], weights=[w for w, _a in steps])[0]
+        action()
 
     def walk(self, steps: int) -> None:
         # Every fault at least once per run, at seeded places among the random steps.
@@ -557,7 +560,7 @@ def _one_run(run_for, seed: int, steps: int) -> Run:
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_three_replicas_converge_under_faults_and_lose_no_write(run_for, seed):
     """A short seeded random run with every fault ends with replicas equal to the server and every write kept."""
-    run = _one_run(run_for, seed, steps=90)
+    run = _one_run(run_for, seed, steps=75)
     assert run.stats.get("restart") and run.stats.get("drop-armed"), run.stats
     assert any(k.startswith("killed") for k in run.stats), run.stats
 
