@@ -252,20 +252,21 @@ class Daemon:
         rows = self.ws.journal.execute("SELECT seq FROM change WHERE origin = 'local' ORDER BY seq DESC LIMIT 1")
         return next(iter(rows), (0,))[0]
 
-    def _others_journaled(self) -> None:
-        """Sync local changes another process journaled (`status` and `snapshot` scan first).
+    def _others_journaled(self, force: bool = False) -> None:
+        """Sync local changes journaled past the tracker (`status`, `snapshot`, an autosave's scan).
 
-        The tracker then finds those files unchanged, so without this an edit a
-        `syncengine status` happened to journal would wait for the next poll.
+        They all scan first, and the tracker then finds those files unchanged:
+        without this, an edit a `syncengine status` happened to journal would
+        wait for the next poll.
         """
         now = time.monotonic()
-        if now < self._next_local_check:
+        if now < self._next_local_check and not force:
             return
         self._next_local_check = now + TICK
         seq = self._last_local_seq()
         if seq > self._seen_local:
             self._seen_local = seq
-            self.sync.trigger("local changes journaled by another process")
+            self.sync.trigger("local changes journaled outside the tracker")
 
     def _changed(self, paths: list[str], now: float) -> None:
         self._seen_local = self._last_local_seq()
@@ -330,13 +331,9 @@ class Daemon:
         # journal what the tracker holds through the tracker (zones, processing), and sync
         # whatever the scan still found, or an edit could wait for the next poll.
         self.tracker.wait(0)
-        batch = self.tracker.step(force=True)
-        if batch is not None and batch.changes:
-            self.sync.trigger("local changes")
-        before = self._last_local_seq()
+        self.tracker.step(force=True)
         info = self.ws.snapshot(f"autosave: {reason}", trigger="auto", skip_if_unchanged=True)
-        if self._last_local_seq() > before:
-            self.sync.trigger("changes a snapshot's scan found")
+        self._others_journaled(force=True)
         self.autosave.taken(time.monotonic())
         if info is not None:
             self.snapshots += 1

@@ -68,6 +68,27 @@ if _HOOK_LOGGER.level == logging.NOTSET or _HOOK_LOGGER.level > logging.WARNING:
     _HOOK_LOGGER.setLevel(logging.WARNING)
 
 
+# watchdog holds each IN_MOVED_FROM for 0.5 s to pair it with its IN_MOVED_TO, and its reader
+# sleeps out that whole delay even once the pair is made, holding back every later event: each
+# rename in the tree (an editor's atomic save, our own daemon.json and blob writes) stalled the
+# watcher for half a second. The kernel queues both halves of a rename together, and the tracker
+# pairs an unpaired delete + create by hash anyway, so a short wait is enough.
+MOVE_PAIRING = 0.02
+
+
+def _shorten_move_pairing() -> None:
+    try:
+        from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
+    except ImportError:  # watchdog < 6 (InotifyBuffer) or not Linux
+        try:
+            from watchdog.observers.inotify_buffer import InotifyBuffer
+        except ImportError:
+            return
+        InotifyBuffer.delay = MOVE_PAIRING
+        return
+    InotifyMoveEventGrouper.delay = MOVE_PAIRING
+
+
 def _event_classes() -> list[type]:
     from watchdog import events as ev
 
@@ -118,6 +139,7 @@ class Watcher:
         """Start watching; WatchUnavailable when the OS refuses (limits reached)."""
         from watchdog.observers import Observer
 
+        _shorten_move_pairing()
         observer = Observer()
         try:
             observer.schedule(self, os.fspath(self.root), recursive=True, event_filter=_event_classes())

@@ -283,3 +283,17 @@ def test_a_racy_second_look_does_not_hold_a_sync_round_back():
     pending.add("path", "a", 0.05)  # a real event on the same path: it counts again
     assert pending.next_deadline(rechecks=False) == 0.1
     assert pending.take_due(0.2) == [("path", "a")] and not pending.rechecks
+
+
+def test_a_rename_does_not_stall_the_watcher_for_half_a_second(tmp_path: Path):
+    """watchdog's 0.5 s move pairing (its reader sleeps it out, holding back every later event) is cut short."""
+    from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
+
+    from syncengine.watcher import MOVE_PAIRING, Watcher
+
+    watcher = Watcher(tmp_path, lambda events: None, lambda reason: None)
+    watcher.start()
+    try:
+        assert InotifyMoveEventGrouper.delay == MOVE_PAIRING < 0.1
+    finally:
+        watcher.stop()
