@@ -238,4 +238,25 @@ def _record(root: Path, journal: Journal, rows: list[DocRow], items: list[p.Comm
                                   "local_hash": row.hash, "remote_hash": current.hash, "base_hash": row.base_hash,
                                   "remote_rev": current.rev, "strategy": "keep-both", "copy_path": aside,
                                   "resolved_at": now, "resolution": "keep-both"})
-    journal.batch(updates=updates, inserts=inserts, renames=renames, conflicts=conflict_rows)
+    journal.batch(updates=updates, inserts=inserts, renames=renames, conflicts=conflict_rows,
+                  state=_checkpoint_past_echoes(journal, answers))
+
+
+def _checkpoint_past_echoes(journal: Journal, answers: list[p.CommitResult]) -> dict[str, Any] | None:
+    """Move the checkpoint past this batch when the feed holds nothing else there.
+
+    The server numbers a commit's changes in one run under its workspace
+    lock. When this batch's changes are exactly the next ones after our
+    checkpoint, the feed up to them is our own echoes, which a pull would
+    read only to skip: moving the checkpoint now spares the next round from
+    paging through them (50,000 of them after a first sync). Any gap — a
+    change by someone else, a replayed commit — leaves the checkpoint where
+    it is, and the next pull reads the feed as always.
+    """
+    seqs = sorted(a.seq for a in answers if a.status == "ok" and a.seq is not None)
+    if not seqs:
+        return None
+    last = journal.state().get("last_seq")
+    if last is None or seqs != list(range(last + 1, last + 1 + len(seqs))):
+        return None
+    return {"last_seq": seqs[-1]}

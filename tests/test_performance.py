@@ -61,3 +61,69 @@ def test_local_index_reads_plain_values(tmp_path: Path):
             assert isinstance(mode, int) and kind in ("json", "text", "binary")
     finally:
         ws.close()
+
+
+# ---------------------------------------------------------------- the checkpoint after a push
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory):
+    """One SQLite server for the module; each test works in its own workspace on it."""
+    from tests.synckit import module_server
+
+    yield from module_server(tmp_path_factory)
+
+
+def _checkpoint(root: Path) -> int:
+    with Workspace(root) as ws:
+        return ws.journal.state()["last_seq"]
+
+
+@pytest.mark.integration
+def test_a_first_sync_leaves_no_echoes_to_page_through(tmp_path: Path, shared_server):
+    """After pushing 250 files in 3 commits the checkpoint is past them; the next round pulls nothing, yet
+    another replica's change still arrives."""
+    from tests.synckit import Kit
+
+    kit = Kit(tmp_path, shared_server)
+    a = kit.replica({f"many/{i:03d}.json": f'{{"n": {i}}}\n' for i in range(250)})
+    assert len(a.sync().pushed) == 250
+    assert _checkpoint(a.root) == kit.log()[-1].seq
+    assert a.sync().pulled == 0
+    b = kit.replica()
+    assert len(b.sync().downloaded) == 250
+    b.write("from-b.md", "b\n")
+    b.sync()
+    a.write("from-a.md", "a\n")
+    report = a.sync()
+    assert report.pulled == 1 and "from-b.md" in report.downloaded and report.pushed == ("from-a.md",)
+    assert _checkpoint(a.root) == kit.log()[-1].seq
+    assert b.sync().downloaded == ("from-a.md",)
+
+
+@pytest.mark.parametrize(("last_seq", "answers", "moved_to"), [
+    (10, [("ok", 11), ("ok", 12), ("ok", 13)], 13),
+    (10, [("ok", 13), ("ok", 11), ("ok", 12)], 13),  # answer order does not matter
+    (10, [("ok", 11), ("conflict", None), ("ok", 12)], 12),  # a refused item makes no change
+    (10, [("ok", 12), ("ok", 13)], None),  # someone else's change at 11
+    (10, [("ok", 11), ("ok", 13)], None),  # a gap inside the batch
+    (10, [("ok", 5), ("ok", 6)], None),  # a replayed commit: its first answer's seqs
+    (10, [("conflict", None)], None),
+    (0, [("ok", 1), ("ok", 2)], 2),  # a fresh workspace's first push
+], ids=["next", "unordered", "with-conflict", "foreign-before", "gap", "replay", "none-ok", "first"])
+def test_checkpoint_moves_only_past_our_own_changes(tmp_path: Path, last_seq, answers, moved_to):
+    """The checkpoint moves after a push only when the batch's changes are exactly the next in the feed."""
+    from syncengine import protocol as p
+    from syncengine.push import _checkpoint_past_echoes
+
+    root = tmp_path / "w"
+    root.mkdir()
+    ws, _ = Workspace.init(root)
+    try:
+        ws.journal.update_state(last_seq=last_seq)
+        results = [p.CommitResult(status, f"doc{i}", rev=1 if seq else None, seq=seq)
+                   for i, (status, seq) in enumerate(answers)]
+        state = _checkpoint_past_echoes(ws.journal, results)
+        assert state == (None if moved_to is None else {"last_seq": moved_to})
+    finally:
+        ws.close()
