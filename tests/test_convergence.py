@@ -3,11 +3,14 @@
 Three replicas and one real ``syncengine serve`` process, with the fault
 proxy of the wire tests between them. A seeded ``random.Random`` drives
 creates, edits (different and identical JSON fields, text lines, binaries),
-deletes, moves, chmods and syncs in random order, and injects faults: the
-server restarted (and unreachable meanwhile), connections dropped after the
-server answered but before the replica heard (mid-batch: the commit or
-upload landed, its answer is lost), and `syncengine sync` processes killed
-with SIGKILL at a random failpoint.
+rival edits of one document on two replicas, deletes, moves, chmods,
+snapshots, the harshest gc, and syncs in random order — some of them real
+`syncengine sync` processes racing the user's typing and another replica's
+round — and injects faults: the server restarted (and unreachable
+meanwhile), connections dropped after the server answered but before the
+replica heard (mid-batch: the commit or upload landed, its answer is lost),
+and `syncengine sync` processes killed with SIGKILL at a random failpoint.
+The helpers are in ``tests/chaoskit.py``.
 
 Afterwards every replica syncs until a round does nothing, and then:
 
@@ -15,11 +18,11 @@ Afterwards every replica syncs until a round does nothing, and then:
   executable bits (liveness);
 * every write is still somewhere: each write puts a unique token into the
   content, and each token is in a final file (conflict copies included), in
-  a replica's blob store (bases, snapshots, conflict losers) or in the
-  server's change log (safety). A write its own replica overwrote or deleted
-  before any sync of it completed is the user's own undo and is not
-  required (no engine without a watcher could have seen it); the others are,
-  including any the engine itself overwrote.
+  a version a replica's journal names (change log, snapshots, bases,
+  conflicts) or in the server's change log (safety). A write its own
+  replica overwrote or deleted before any sync of it completed is the
+  user's own undo and is not required (no engine without a watcher could
+  have seen it); the others are, including any the engine itself overwrote.
 
 ``make test`` runs a few seeds of a short run; ``make soak`` runs thousands
 of steps (``SYNCENGINE_SOAK_STEPS``, ``SYNCENGINE_SOAK_SEED``).
@@ -31,8 +34,6 @@ import hashlib
 import json
 import os
 import random
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -41,8 +42,7 @@ from syncengine import Workspace
 from syncengine.blobs import BlobStore
 from syncengine.errors import GuardError, RemoteError
 from syncengine.remote import HttpRemote
-from tests.replicas import ServeProcess
-from tests.server.conftest import FaultProxy
+from tests.chaoskit import TOKEN, Ledger, Server, Wire
 from tests.synckit import Kit, Replica
 
 pytestmark = pytest.mark.integration
@@ -54,132 +54,6 @@ FAILPOINTS = (
 )
 FOLDERS = ("", "docs/", "notes/", "bin/")
 FIELDS = ("title", "owner", "status", "body", "tags")
-TOKEN = re.compile(rb"T[0-9a-f]+x[0-9]{6}Z")
-
-
-# ---------------------------------------------------------------- the server and the wire
-
-
-class Server:
-    """A real `syncengine serve` on a fixed port and data dir, so it can be stopped and started again."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.data = tmp / "server-data"
-        self.data.mkdir(parents=True)
-        self.log = tmp / "serve.log"
-        self.proc: ServeProcess | None = None
-        self.port = 0
-        self.restarts = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        proc = ServeProcess(self.data, self.log)
-        if self.port:
-            proc.port = self.port  # the proxy in front keeps its upstream
-        self.port = proc.port
-        self.proc = proc.__enter__()
-
-    def stop(self) -> None:
-        assert self.proc is not None
-        self.proc.__exit__(None, None, None)
-        self.proc = None
-
-    def token(self, workspace: str) -> str:
-        assert self.proc is not None
-        return self.proc.token(workspace)
-
-
-class DropAnswer(ConnectionAbortedError):
-    """Raised inside the proxy: the connection closes without the upstream's answer."""
-
-
-class Wire:
-    """The fault proxy of the wire tests, armed to drop the connection of the Nth matching request."""
-
-    MIDBATCH = ("/commit", "/blobs/pack", "/blobs/unpack", "/blobs/missing", "/changes", "/docs")
-
-    def __init__(self, upstream: str) -> None:
-        self.proxy = FaultProxy(upstream).start()
-        self.proxy._httpd.handle_error = lambda *_a: None  # a dropped connection is the point, not news
-        self.countdown = 0
-        self.suffix = ""
-        self.dropped = 0
-        self.proxy.rewrites.append(self._rewrite)
-
-    @property
-    def url(self) -> str:
-        return self.proxy.url
-
-    def arm(self, nth: int, suffix: str) -> None:
-        self.countdown, self.suffix = nth, suffix
-
-    def disarm(self) -> None:
-        self.countdown = 0
-
-    def _rewrite(self, method: str, path: str, status: int, headers: dict, body: bytes):
-        if self.countdown and path.split("?")[0].endswith(self.suffix):
-            self.countdown -= 1
-            if self.countdown == 0:
-                self.dropped += 1
-                raise DropAnswer("injected: connection dropped after the server answered")
-        return None
-
-    def close(self) -> None:
-        self.proxy.stop()
-
-
-# ---------------------------------------------------------------- the ledger
-
-
-@dataclass
-class Ledger:
-    """Every token written, and which of them must survive.
-
-    A token is *pending* on the replica that wrote it until a round of that
-    replica completes having started with it there; it is then *required*.
-    A pending token that its own user removes (an overwrite or a delete, told
-    to the ledger by the user actions themselves, never guessed from what is
-    on disk) was undone before any engine could see it. Everything else must
-    survive: at the end every replica has synced, so every token still
-    pending is required too — one the engine itself clobbered included.
-    """
-
-    seed: int
-    count: int = 0
-    required: set[bytes] = field(default_factory=set)
-    pending: dict[str, set[bytes]] = field(default_factory=dict)  # replica -> tokens not yet seen by a round
-    undone: int = 0
-
-    def fresh(self) -> str:
-        self.count += 1
-        return f"T{self.seed:x}x{self.count:06d}Z"
-
-    def token(self, replica: str) -> str:
-        tok = self.fresh()
-        self.add(replica, tok)
-        return tok
-
-    def add(self, replica: str, tok: str) -> None:
-        self.pending.setdefault(replica, set()).add(tok.encode())
-
-    def removed(self, replica: str, tokens: set[bytes]) -> None:
-        """The user of ``replica`` overwrote or deleted these tokens."""
-        mine = self.pending.get(replica, set())
-        self.undone += len(mine & tokens)
-        mine -= tokens
-
-    def before_sync(self, replica: str) -> set[bytes]:
-        return set(self.pending.get(replica, set()))
-
-    def synced(self, replica: str, seen: set[bytes]) -> None:
-        self.required |= seen
-        self.pending.get(replica, set()).difference_update(seen)
-
-    def must_survive(self) -> set[bytes]:
-        return self.required.union(*self.pending.values())
 
 
 # ---------------------------------------------------------------- the run
