@@ -206,13 +206,21 @@ class Failed(RuntimeError):
     """A measured command exited non-zero."""
 
 
+# GNU time reports its child's peak RSS truly. wait4's own ru_maxrss does
+# not: a child forked from this (large) Python process keeps the parent's
+# high-water mark across exec, so every client would seem as big as the bench.
+GNU_TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
+
+
 def run_measured(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path | None = None,
                  ok: Sequence[int] = (0,), log: Path | None = None) -> Usage:
-    """Run a client command to completion; wall, CPU and peak RSS from wait4."""
+    """Run a client command to completion; wall and CPU from wait4, peak RSS from GNU time."""
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    rss_file = RUN_DIR / f".rss-{os.getpid()}"
+    argv = [GNU_TIME, "-f", "%M", "-o", str(rss_file), *cmd] if GNU_TIME else list(cmd)
     try:
         started = time.perf_counter()
-        proc = subprocess.Popen(list(cmd), stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
                                 env={**os.environ, **(env or {})}, cwd=cwd)
         _pid, status, ru = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - started
@@ -223,7 +231,12 @@ def run_measured(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: 
     if proc.returncode not in ok:
         where = f"; see {log}" if log else ""
         raise Failed(f"{' '.join(map(str, cmd[:3]))} ... exited {proc.returncode}{where}")
-    return Usage(wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss)
+    peak = ru.ru_maxrss
+    if GNU_TIME:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            peak = int(rss_file.read_text().split()[-1])
+            rss_file.unlink()
+    return Usage(wall, ru.ru_utime + ru.ru_stime, peak)
 
 
 def _children() -> dict[int, list[int]]:

@@ -1,7 +1,7 @@
 """Scale: memory stays bounded by the work, not by the size of a file or of the workspace.
 
 Every figure comes from real processes: `syncengine sync` subprocesses
-(peak RSS from wait4) against a real `syncengine serve` (VmHWM, reset
+(peak RSS from /proc/PID/status, VmHWM) against a real `syncengine serve` (VmHWM, reset
 through /proc/PID/clear_refs before each phase). The figures are printed
 (`make soak` shows them with -s) and bounded; nothing here asserts a time.
 
@@ -11,6 +11,7 @@ and a 50,000-file workspace: initial sync, no-op sync, 100-change sync.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -37,12 +38,17 @@ class Measured:
     code: int
     stdout: str
     stderr: str
-    peak_kib: int  # the client's peak RSS
+    peak_kib: int  # the client's peak RSS (KiB)
     seconds: float
 
 
 def measured(*args: str | Path, input: str | None = None) -> Measured:
-    """Run `syncengine ARGS` as a subprocess; its peak RSS comes from wait4."""
+    """Run `syncengine ARGS` as a subprocess, watching its peak RSS (VmHWM) until it exits.
+
+    Not wait4's ru_maxrss: a child forked from this test process keeps the
+    test's own high-water mark across exec. VmHWM only rises, so the last
+    reading is the peak, short of whatever the last 5 ms added.
+    """
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         started = time.monotonic()
         proc = subprocess.Popen([sys.executable, "-m", "cli", *map(str, args)], stdout=out, stderr=err,
@@ -51,12 +57,15 @@ def measured(*args: str | Path, input: str | None = None) -> Measured:
         if input is not None:
             proc.stdin.write(input.encode())
             proc.stdin.close()
-        _pid, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        peak = 0
+        while proc.poll() is None:
+            with contextlib.suppress(OSError, AssertionError):
+                peak = max(peak, _proc_status(proc.pid, "VmHWM"))
+            time.sleep(0.005)
         seconds = time.monotonic() - started
         out.seek(0)
         err.seek(0)
-        return Measured(proc.returncode, out.read().decode(), err.read().decode(), usage.ru_maxrss, seconds)
+        return Measured(proc.returncode, out.read().decode(), err.read().decode(), peak, seconds)
 
 
 def _proc_status(pid: int, key: str) -> int:
@@ -155,7 +164,9 @@ def test_large_file_syncs_without_being_held_in_memory(tmp_path: Path, mib: int)
         "up s": round(up.seconds, 1), "down s": round(down.seconds, 1),
     }
     print(f"\nlarge file: {figures}")
-    bound = size // 1024 // 4  # a quarter of the file, in KiB
+    # Half the file (40 MB) or 50 MiB (200 MB), in KiB: whole, it would add
+    # the file's size at least; streamed, it adds a few MiB of buffers.
+    bound = min(size // 2, 50 << 20) // 1024
     assert up.peak_kib - baseline_up.peak_kib < bound, figures
     assert down.peak_kib - baseline_down.peak_kib < bound, figures
     assert server_up.growth < bound, figures
