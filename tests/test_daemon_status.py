@@ -109,3 +109,34 @@ def test_daemon_log_is_rotated(tmp_path: Path):
     logs = sorted(p.name for p in (root / ".syncengine").glob("daemon.log*"))
     assert logs == ["daemon.log", "daemon.log.1", "daemon.log.2", "daemon.log.3"]
     assert all((root / ".syncengine" / name).stat().st_size <= 1 << 20 for name in logs)
+
+
+def test_events_prints_past_events_per_channel(tmp_path: Path):
+    """`events -n N [--channel]` prints the last events, one line each (or one JSON object per line)."""
+    root = make_ws(tmp_path / "w")
+    with Workspace(root) as ws:
+        progress.publish(ws.events, "zones", [progress.zones_payload("doc.json", ["title"], origin="local")])
+        progress.publish(ws.events, "log", [progress.log_payload("warning", "rescan", "lost events")])
+    text = run_proc("-C", root, "events", "-n", "5").stdout
+    assert "zones" in text and "doc.json  title  (local)" in text and "warning: lost events" in text
+    lines = run_proc("-C", root, "events", "--channel", "log", "--json").stdout.splitlines()
+    assert [json.loads(line)["payload"]["code"] for line in lines] == ["rescan"]
+
+
+@pytest.mark.integration
+def test_an_edited_syncignore_applies_at_once(tmp_path: Path, daemons: Daemons):
+    """Adding a pattern to .syncignore while the daemon runs: files it names are no longer journaled."""
+    root = make_ws(tmp_path / "w", files={"keep.txt": "k"})
+    daemons.start(root)
+    wait_until(lambda: daemons.state(root).get("state") == "watching", timeout=30, message="the daemon to watch")
+    (root / ".syncignore").write_text("*.log\n")
+
+    def journaled(rel: str) -> bool:
+        with Workspace(root) as ws:
+            return ws.journal.doc_by_path(rel) is not None
+
+    wait_until(lambda: journaled(".syncignore"), timeout=30, message=".syncignore journaled")
+    (root / "build.log").write_text("noise")
+    (root / "after.txt").write_text("written after the log")
+    wait_until(lambda: journaled("after.txt"), timeout=30, message="the file written after the log")
+    assert not journaled("build.log")
