@@ -25,7 +25,11 @@ Afterwards every replica syncs until a round does nothing, and then:
   have seen it); the others are, including any the engine itself overwrote.
 
 ``make test`` runs a few seeds of a short run; ``make soak`` runs thousands
-of steps (``SYNCENGINE_SOAK_STEPS``, ``SYNCENGINE_SOAK_SEED``).
+of steps (``SYNCENGINE_SOAK_STEPS``, ``SYNCENGINE_SOAK_SEED``) and adds
+kills at random moments. The seed fixes the steps drawn; what a racing
+round or a timed kill meets depends on timing (and client ids are random),
+so a failing seed may take a few reruns to reproduce — each failure names
+its seed and prints the run's counts.
 """
 
 from __future__ import annotations
@@ -62,8 +66,9 @@ FIELDS = ("title", "owner", "status", "body", "tags")
 class Run:
     """One seeded run: the replicas, the faults, and the steps that drive them."""
 
-    def __init__(self, tmp: Path, seed: int) -> None:
+    def __init__(self, tmp: Path, seed: int, soak: bool = False) -> None:
         self.rng = random.Random(seed)
+        self.soak = soak
         self.seed = seed
         self.tmp = tmp
         self.server = Server(tmp)
@@ -103,6 +108,15 @@ class Run:
         self.names += 1
         kind = self.rng.choice(["json", "md", "bin"])
         rel = f"{self.rng.choice(FOLDERS)}{kind}{self.names}.{kind}"
+        mine = {p.casefold() for p in self.files(r)}
+        others = sorted({p for o in self.replicas if o is not r for p in self.files(o, f".{kind}")
+                         if ".conflict-" not in p and p.casefold() not in mine})
+        if others and self.rng.random() < 0.3:
+            # A name only another replica has yet, in other case: one name to a case-insensitive disk.
+            folder, _, name = self.rng.choice(others).rpartition("/")
+            stem = name[: -len(kind)].upper()  # the extension (the kind) stays as it was
+            rel = f"{folder}/{stem}{kind}" if folder else f"{stem}{kind}"
+            self.note("create-case-twin")
         if kind == "json":
             doc = {f: self.ledger.token(self.name(r)) for f in FIELDS}
             data = (json.dumps(doc, indent=2) + "\n").encode()
@@ -296,6 +310,24 @@ class Run:
                 fh.write(f"line {self.ledger.token(self.name(r))}\n".encode())
             self.note("append-text")
 
+    def killed_anywhere(self, r: Replica) -> None:
+        """A real `syncengine sync` SIGKILLed after a random delay: between failpoints too, mid-SQLite-write."""
+        import signal
+        import subprocess
+        import sys
+        import time
+
+        from tests.helpers import REPO, cli_env
+
+        self.ledger.before_sync(self.name(r))
+        proc = subprocess.Popen([sys.executable, "-m", "cli", "-C", str(r.root), "sync"], cwd=REPO, env=cli_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(self.rng.uniform(0.2, 1.5))  # the fault itself: the run asserts nothing about when it lands
+        proc.send_signal(signal.SIGKILL)
+        _out, err = proc.communicate(timeout=60)
+        assert proc.returncode in (-9, 0, 1, 3), f"exit {proc.returncode}: {err.decode()[-2000:]}"
+        self.note("killed anywhere" if proc.returncode == -9 else "finished before the kill")
+
     def drop_next(self) -> None:
         self.wire.arm(self.rng.randint(1, 3), self.rng.choice(Wire.MIDBATCH))
         self.note("drop-armed")
@@ -319,7 +351,9 @@ class Run:
             (5, lambda: self.edit_binary(r)), (4, self.same_json_edit), (5, self.rival_edits),
             (5, lambda: self.delete(r)), (5, lambda: self.move(r)), (2, lambda: self.chmod(r)),
             (1, lambda: self.snapshot(r)), (1, lambda: self.gc(r)), (17, lambda: self.sync(r)),
-            (4, self.concurrent), (6, self.drop_next), (4, lambda: self.killed_sync(r)), (1, self.restart_server),
+            (4, self.concurrent), (6, self.drop_next), (3, lambda: self.killed_sync(r)), (1, self.restart_server),
+            # Seconds each, and where the kill lands depends on timing: the long run only.
+            (1 if self.soak else 0, lambda: self.killed_anywhere(r)),
         ]
         action = self.rng.choices([a for _w, a in steps], weights=[w for w, _a in steps])[0]
         action()
@@ -409,8 +443,8 @@ class Run:
 def run_for(tmp_path):
     made: list[Run] = []
 
-    def make(seed: int) -> Run:
-        run = Run(tmp_path / f"seed{seed}", seed)
+    def make(seed: int, soak: bool = False) -> Run:
+        run = Run(tmp_path / f"seed{seed}", seed, soak)
         made.append(run)
         return run
 
@@ -445,7 +479,7 @@ def test_soak_thousands_of_random_steps_converge_and_lose_no_write(run_for):
     """The long run (SYNCENGINE_SOAK_STEPS, default 3000; SYNCENGINE_SOAK_SEED) holds the same promises."""
     steps = int(os.environ.get("SYNCENGINE_SOAK_STEPS", "3000"))
     seed = int(os.environ.get("SYNCENGINE_SOAK_SEED", "20261126"))
-    run = run_for(seed)
+    run = run_for(seed, soak=True)
     checkpoint = max(steps // 10, 100)
     for done in range(0, steps, checkpoint):
         run.walk(min(checkpoint, steps - done))
