@@ -91,6 +91,7 @@ def test_nothing_written_during_start_up_is_missed(tmp_path: Path, daemons: Daem
     while daemons.state(root).get("state") != "watching" or written < 50:
         (root / f"new-{written}.txt").write_text(str(written))
         written += 1
+        time.sleep(0.005)  # pacing, not waiting: a few hundred files over the start-up, not tens of thousands
 
     def all_journaled() -> bool:
         with Workspace(root) as ws:
