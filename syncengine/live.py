@@ -62,6 +62,7 @@ class LiveClient(threading.Thread):
         self.max_backoff = max_backoff
         self.state = "connecting"
         self.connects = 0
+        self.server_heartbeat = 0.0  # from the server's hello
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self._conn = None
@@ -161,7 +162,8 @@ class LiveClient(threading.Thread):
             next_beat = last_heard + self.heartbeat
             while not self._stopping.is_set():
                 now = time.monotonic()
-                if now - last_heard > 2 * self.heartbeat + 5:
+                # Silence for two of the slower side's heartbeats: the server says its own in hello.
+                if now - last_heard > 2 * max(self.heartbeat, self.server_heartbeat) + 5:
                     raise TimeoutError(f"no message from the server for {now - last_heard:.0f}s")
                 try:
                     raw = conn.recv(timeout=max(0.0, next_beat - now))
@@ -187,6 +189,9 @@ class LiveClient(threading.Thread):
         except (ValueError, KeyError, TypeError):
             log.warning("ignored a malformed live message")
             return
+        beat = message.get("heartbeat")
+        if kind == "hello" and isinstance(beat, (int, float)) and not isinstance(beat, bool) and 0 < beat <= 3600:
+            self.server_heartbeat = float(beat)
         if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0:
             self.on_seq(seq, str(kind))
 

@@ -115,6 +115,7 @@ def test_client_hears_every_seq_and_reconnects_after_the_server_returns(server):
     try:
         _expect(states, lambda s: s == "connected", what="a connection")
         assert _expect(seqs, lambda m: m[1] == "hello") == (0, "hello")
+        assert client.server_heartbeat == 0.3  # silence is judged by the slower side's heartbeat
         seq = _commit(api, "d1", "a.txt", b"a")
         _expect(seqs, lambda m: m == (seq, "changes"), what="the announcement")
         _expect(seqs, lambda m: m == (seq, "heartbeat"), what="a heartbeat")
@@ -123,7 +124,7 @@ def test_client_hears_every_seq_and_reconnects_after_the_server_returns(server):
         server.restart()
         _expect(states, lambda s: s == "connected", what="the reconnection")
         _expect(seqs, lambda m: m == (seq, "hello"), what="hello again")
-        assert client.connects == 2
+        assert client.connects == 2 and client.server_heartbeat == 15.0  # the new server's default
     finally:
         client.close()
         api.close()
