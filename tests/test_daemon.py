@@ -54,9 +54,12 @@ def test_lifecycle_start_twice_status_stop_and_stale_pid(tmp_path: Path, daemons
     assert busy.returncode == 7 and "already running" in busy.stderr
     status = json.loads(run_proc("-C", root, "status", "--json").stdout)["daemon"]
     assert status["running"] and status["pid"] == pid and status["watcher"] == "inotify"
+    assert json.loads(run_proc("-C", root, "daemon", "status", "--json").stdout)["pid"] == pid
+    assert f"(pid {pid}" in run_proc("-C", root, "daemon", "status").stdout
     assert run_proc("-C", root, "daemon", "stop").code == 0
     assert daemonctl.running_pid(Layout(root).daemon_pid) is None and daemonctl.exited(pid)
     assert "daemon stopped" in Layout(root).daemon_log.read_text()  # ended cleanly, not SIGKILLed
+    assert "Daemon: not running" in run_proc("-C", root, "daemon", "status").stdout
     Layout(root).daemon_pid.write_text("999999\n")  # a pid file a killed daemon left behind
     new_pid = daemons.start(root)
     assert new_pid != 999999 and "Daemon: watching" in run_proc("-C", root, "status").stdout
