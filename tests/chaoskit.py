@@ -45,8 +45,12 @@ class Server:
         self.port = proc.port
         self.proc = proc.__enter__()
 
-    def stop(self) -> None:
+    def stop(self, crash: bool = False) -> None:
+        """Stop the server: gracefully (SIGINT), or as a crash (SIGKILL, whatever it was doing)."""
         assert self.proc is not None
+        if crash:
+            self.proc.proc.kill()
+            self.proc.proc.wait(15)
         self.proc.__exit__(None, None, None)
         self.proc = None
 
