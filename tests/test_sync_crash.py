@@ -202,7 +202,13 @@ def _kill_when(replica: Replica, ready, timeout: float = 120) -> bool:
     proc = subprocess.Popen([sys.executable, "-m", "cli", "-C", str(replica.root), "sync", "--force"],
                             env=cli_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        wait_until(lambda: proc.poll() is not None or ready(), timeout=timeout, interval=0.005,
+        def reached() -> bool:
+            try:
+                return ready()
+            except FileNotFoundError:  # the round moved a file between our listing and our read
+                return False
+
+        wait_until(lambda: proc.poll() is not None or reached(), timeout=timeout, interval=0.005,
                    message="the round to reach the kill point")
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
