@@ -158,6 +158,25 @@ def test_an_unreadable_file_is_never_deleted_on_the_server(replicas):
     assert b.tree()["secret.txt"] == b"v2 unreadable\n"
 
 
+def test_a_folder_that_cannot_be_listed_is_never_read_as_deleted(replicas):
+    """EACCES listing a folder: its files are neither deleted on the server nor elsewhere; the next round heals."""
+    a = replicas.make("a", {"top.txt": "t\n", "sub/one.txt": "1\n", "sub/two.txt": "2\n"})
+    a.sync()
+    b = replicas.make("b")
+    b.sync()
+    with inject_fault("list", 2, errno.EACCES):  # the root lists first, then sub/
+        report = a.sync()
+    assert report.deleted == () and not report.pushed, report
+    assert [p.path for p in report.problems] == ["sub"], report.problems  # the fault did land on sub/
+    assert _server_paths(replicas, replicas.workspace) == {"top.txt", "sub/one.txt", "sub/two.txt"}
+    b.sync()
+    assert set(b.tree()) == {"top.txt", "sub/one.txt", "sub/two.txt"}
+    a.write("sub/one.txt", "1 edited\n")
+    a.sync()
+    b.sync()
+    assert b.tree()["sub/one.txt"] == b"1 edited\n"
+
+
 # ---------------------------------------------------------------- restore
 
 
