@@ -49,7 +49,9 @@ def apply_plan(ctx: Context, plan: Plan, flush_every: int = 200) -> Applied:
         if attempt == 2:
             pending = _park_cycles(ctx, pending, parked)
         blocked: Plan = []
-        for row, action in pending:
+        for done, (row, action) in enumerate(pending, 1):
+            if ctx.progress and attempt == 0 and (done % 50 == 0 or done == len(pending)):
+                ctx.progress("apply", done, len(pending))
             try:
                 # Reads of the local file and the blob store fail here too (a
                 # full disk, a denied open): one document's problem, not the round's.

@@ -72,6 +72,7 @@ class Context:
     conflict_rows: list[dict[str, Any]] = field(default_factory=list)
     deletes: list[str] = field(default_factory=list)
     dirty: set[Path] = field(default_factory=set)
+    progress: Any = None  # (stage, current, total) -> None, the round's progress callback
 
 
 def exec_mode(mode: int | None, executable: bool) -> int:

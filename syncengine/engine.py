@@ -196,10 +196,10 @@ class Workspace:
 
     # ------------------------------------------------------------ scanning and status
 
-    def scan(self) -> ScanReport:
-        """Journal whatever changed on disk since the last scan."""
+    def scan(self, progress=None) -> ScanReport:
+        """Journal whatever changed on disk since the last scan; ``progress(done, total)`` as files are hashed."""
         with self.scan_lock.acquire(timeout=self.config.sync.wait):
-            return scanner.scan(self.root, self.journal, self.ignore)
+            return scanner.scan(self.root, self.journal, self.ignore, progress=progress)
 
     def status(self) -> Status:
         """Scan, then summarise pending changes, conflicts, snapshots and sync."""

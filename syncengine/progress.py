@@ -47,7 +47,7 @@ CHANNELS = ("zones", "processing", "progress", "log")
 STATUSES = ("queued", "syncing", "synced", "conflict")
 TASK_KINDS = ("scan", "hash", "upload", "download", "merge")
 THROTTLE = 0.1  # seconds between two progress events of one task (first and last always go out)
-_STAGE_KIND = {"push": "upload", "pull": "download"}  # sync.py's stage names -> task kinds
+_STAGE_KIND = {"push": "upload", "pull": "download", "apply": "merge"}  # sync.py's stage names -> task kinds
 
 
 def _iso(ns: int) -> str:

@@ -153,14 +153,14 @@ def _round(ws: Workspace, remote: Remote, strategy_for, pct: float, force: bool,
     client_id = journal.client_id
     _check_root(ws)
     leftovers.recover(ws.root)
-    scan = ws.scan()
+    scan = ws.scan(progress=(lambda n, t: progress("hash", n, t)) if progress else None)
     failpoint("sync.after_scan")
     problems: list[ScanProblem] = list(scan.problems)
     pulled = pulling.pull(journal, remote)
     pulled.save(journal)
     failpoint("sync.after_pull")
     problems += pulled.problems
-    ctx = applying.Context(ws.root, journal, ws.blobs, client_id, strategy_for, _newer(remote))
+    ctx = applying.Context(ws.root, journal, ws.blobs, client_id, strategy_for, _newer(remote), progress=progress)
     pushed_paths: list[str] = []
     uploaded = 0
     passes = 0

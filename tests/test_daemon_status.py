@@ -141,3 +141,28 @@ def test_an_edited_syncignore_applies_at_once(tmp_path: Path, daemons: Daemons):
     (root / "after.txt").write_text("written after the log")
     wait_until(lambda: journaled("after.txt"), timeout=30, message="the file written after the log")
     assert not journaled("build.log")
+
+
+def test_a_sync_round_reports_hash_download_merge_and_upload_tasks(tmp_path: Path, server):
+    """Each stage of a round is a task with total and current on the progress channel, for any process to read."""
+    token = server.token("docs")
+    a = make_ws(tmp_path / "A", server=server, token=token, files={f"a{i}.json": f'{{"n": {i}}}' for i in range(12)})
+    b = make_ws(tmp_path / "B", server=server, token=token, files={"b.txt": "b"})
+    with Workspace(a) as ws:
+        tracker = progress.SyncProgress(ws.events)
+        ws.sync(progress=tracker)
+        tracker.close()
+    (b / "new.md").write_text("written after init: hashed by the round's scan")
+    with Workspace(b) as ws:
+        sub = ws.subscribe("progress", after=0)
+        tracker = progress.SyncProgress(ws.events)
+        ws.sync(progress=tracker)
+        tracker.close()
+        done = {}
+        while (event := sub.get(timeout=1)) is not None:
+            if event.payload["state"] == "done":
+                done[event.payload["kind"]] = (event.payload["current"], event.payload["total"])
+        sub.close()
+    assert done["hash"] == (1, 1), done  # new.md
+    assert done["download"] == (12, 12) and done["merge"] == (12, 12), done
+    assert done["upload"] == (2, 2), done  # b.txt and new.md
