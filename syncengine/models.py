@@ -140,7 +140,7 @@ class DaemonInfo:
     state: str | None = None  # starting | watching | stopping
     watcher: str | None = None  # inotify (or the OS's watcher) | polling (watch refused) | none
     live: str | None = None  # connected | connecting | offline | refused | off (no server)
-    sync: str | None = None  # idle | syncing | offline | paused | guard | auth | error | off
+    sync: str | None = None  # idle | syncing | waiting for another sync | offline | paused | guard | auth | error | off
     started_at: str | None = None
     last_rescan_at: str | None = None
     warning: str | None = None  # the last thing a person should know (lost events, stale lock, ...)

@@ -75,7 +75,7 @@ def make_models(db: pw.Database) -> SimpleNamespace:
         id = pw.AutoField()
         created_at = pw.BigIntegerField()
         message = pw.TextField(null=True)
-        trigger = pw.CharField()  # manual | auto | safety
+        trigger = pw.CharField()  # manual | auto | safety | conflict (a losing server version, restorable)
         files = pw.IntegerField()
         bytes = pw.BigIntegerField()
         changed = pw.IntegerField()
