@@ -149,11 +149,28 @@ class BlobStore:
         if not path.exists():
             raise HashMismatch(f"blob {digest[:12]} is missing from the store")
         check = hashlib.sha256()
-        for chunk in self._inflate(path):
-            check.update(chunk)
-            yield chunk
-        if check.hexdigest() != digest:
-            raise HashMismatch(f"blob {digest[:12]} is damaged")
+        try:
+            for chunk in self._inflate(path):
+                check.update(chunk)
+                yield chunk
+            if check.hexdigest() != digest:
+                raise HashMismatch(f"blob {digest[:12]} is damaged")
+        except HashMismatch:
+            self._set_aside(digest)
+            raise
+
+    def _set_aside(self, digest: str) -> None:
+        """Move a damaged blob to ``objects/damaged/`` so the store heals.
+
+        Left in place, it would be damaged for good: storing the same bytes
+        again finds the name taken, and a sync never fetches a blob the store
+        says it has. Set aside (kept for a person to look at), the next put or
+        download writes a good copy.
+        """
+        damaged = self.dir / "damaged"
+        with contextlib.suppress(OSError):
+            damaged.mkdir(exist_ok=True)
+            os.replace(self.path(digest), damaged / digest)
 
     def get(self, digest: str) -> bytes:
         return b"".join(self.iter_verified(digest))
