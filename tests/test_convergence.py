@@ -47,7 +47,7 @@ from syncengine.blobs import BlobStore
 from syncengine.errors import GuardError, RemoteError
 from syncengine.remote import HttpRemote
 from tests.chaoskit import TOKEN, Ledger, Server, Wire
-from tests.synckit import Kit, Replica
+from tests.synckit import Kit, Replica, no_duplicate_revisions
 
 pytestmark = pytest.mark.integration
 
@@ -411,8 +411,8 @@ class Run:
 
     # ------------------------------------------------------------ the checks
 
-    def server_state(self) -> tuple[dict[str, tuple[str, bool]], bytes]:
-        """The server's listing (path -> (hash, executable)) and every blob its change log names."""
+    def server_state(self) -> tuple[dict[str, tuple[str, bool]], list, bytes]:
+        """The server's listing (path -> (hash, executable)), its change log, and every blob the log names."""
         with HttpRemote(self.server.url, self.workspace, self.replicas[0].token, retries=2) as remote:
             listing: dict[str, tuple[str, bool]] = {}
             after = None
@@ -422,18 +422,19 @@ class Run:
                 if page.next is None:
                     break
                 after = page.next
-            hashes, since = set(), 0
+            log, since = [], 0
             while True:
                 changes = remote.changes(since, 1000)
-                hashes |= {c.hash for c in changes.changes if c.hash}
+                log += changes.changes
                 if not changes.more:
                     break
                 since = changes.changes[-1].seq
-            history = b"\n".join(remote.get(h) for h in sorted(hashes))
-        return listing, history
+            history = b"\n".join(remote.get(h) for h in sorted({c.hash for c in log if c.hash}))
+        return listing, log, history
 
     def check(self) -> None:
-        listing, server_history = self.server_state()
+        listing, log, server_history = self.server_state()
+        no_duplicate_revisions(log)  # a replayed commit (dropped answer, kill) landed once
         for r in self.replicas:
             tree = r.tree()
             assert set(tree) == set(listing), (
@@ -443,6 +444,9 @@ class Run:
                 assert hashlib.sha256(tree[path]).hexdigest() == digest, f"seed {self.seed}: {path} on {self.name(r)}"
                 assert r.executable(path) == executable, f"seed {self.seed}: mode of {path} on {self.name(r)}"
             assert r.leftovers() == [] and r.journal_ok(), f"seed {self.seed}: {self.name(r)} is not clean"
+            status = r.status()
+            quiet = status.pending.total == 0 and not status.errors and not status.conflicts
+            assert quiet, f"seed {self.seed}: {self.name(r)}: {status}"
         # History a person can reach: the server's change log, and per replica every version its journal
         # names (change log, snapshots, bases, conflicts) — not blobs merely lying in the store.
         corpus = [server_history, *self.replicas[0].tree().values()]
