@@ -385,8 +385,9 @@ class Row:
 
     @classmethod
     def of(cls, bench: str, tool: str, phase: str, usage: Usage, items: int, **kw) -> Row:
-        return cls(bench, tool, phase, usage.wall, items, usage.client_cpu, usage.server_cpu or None,
-                   usage.client_rss or None, usage.server_rss or None, **kw)
+        served = bool(usage.server_rss)  # a server was measured: its CPU may round to 0, which is a figure
+        return cls(bench, tool, phase, usage.wall, items, usage.client_cpu,
+                   usage.server_cpu if served else None, usage.client_rss or None, usage.server_rss or None, **kw)
 
     def to_dict(self) -> dict:
         return asdict(self)
