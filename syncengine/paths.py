@@ -35,7 +35,7 @@ DEFAULT_IGNORES = (
     "*.swx",
     "*~",
     ".#*",
-    "#*#",
+    "\\#*#",  # emacs auto-save files (a bare "#*#" is a comment in gitignore syntax)
     "4913",  # vim's probe file
     ".goutputstream-*",
     ".DS_Store",

@@ -12,7 +12,7 @@ from syncengine import Workspace
 from syncengine.paths import DEFAULT_IGNORES, IGNORE_FILE, IgnoreRules
 from syncengine.testing import backdate, make_tree
 
-_NAMES = ["a.json", "notes.md", "x.swp", "y~", ".#lock", "4913", ".DS_Store", "Thumbs.db", "~$doc.docx",
+_NAMES = ["a.json", "notes.md", "x.swp", "y~", ".#lock", "#a.md#", "4913", ".DS_Store", "Thumbs.db", "~$doc.docx",
           "build", "keep.log", "debug.log", "é.txt", "sub", "(?P<x>).md", "a[1].md", ".syncengine.1.tmp"]
 _USER_RULES = [
     [],

@@ -126,7 +126,7 @@ def test_ignores_syncignore_temp_files_state_and_symlinks(ws: Workspace):
     """.syncignore patterns, editor temp files, .syncengine/ and symlinks are never journaled."""
     root = ws.root
     (root / ".syncignore").write_text("build/\n*.log\n")
-    make_tree(root, {"build/out.js": "x", "run.log": "x", ".a.json.swp": "x", "notes/b.md~": "x",
+    make_tree(root, {"build/out.js": "x", "run.log": "x", ".a.json.swp": "x", "notes/b.md~": "x", "#draft.md#": "x",
                      ".#lock": "x", "4913": "x", ".syncengine.a.json.1234.tmp": "x"})
     os.symlink("/etc/passwd", root / "link.txt")
     os.symlink(root / "notes", root / "notes-link")
