@@ -59,7 +59,31 @@ def open_database(db_url: str | None, data_dir: Path | None) -> pw.Database:
     return _sqlite(folder / DB_FILE)
 
 
+def _ensure_wal(path: Path, timeout: float = 30.0) -> None:
+    """Put the database in WAL mode once, before any pooled connection opens it.
+
+    WAL is a property of the file, so this is needed once; but as a pragma of
+    every connection, servers starting together on a fresh file raced to
+    switch it, and SQLite answers a busy journal-mode switch with "database
+    is locked" at once, without waiting out busy_timeout. Here it is retried.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with contextlib.closing(sqlite3.connect(str(path), timeout=timeout)) as conn:
+                if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    conn.execute("PRAGMA journal_mode = wal")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc).lower() and "busy" not in str(exc).lower():
+                raise StorageError(f"cannot open the server database {path}: {exc}") from exc
+            if time.monotonic() > deadline:
+                raise BusyError(f"the server database is busy: {exc}") from exc
+            time.sleep(0.05)
+
+
 def _sqlite(path: Path) -> pw.Database:
+    _ensure_wal(path)
     return PooledSqliteDatabase(
         str(path),
         max_connections=64,
@@ -68,7 +92,6 @@ def _sqlite(path: Path) -> pw.Database:
         autoconnect=False,
         check_same_thread=False,
         pragmas={
-            "journal_mode": "wal",
             "synchronous": "NORMAL",
             "foreign_keys": 1,
             "busy_timeout": 30_000,
