@@ -23,13 +23,20 @@ from syncengine.models import Kind, ScanProblem
 from syncengine.reconcile import Action, Do
 
 
-def _order(item: tuple[DocRow, Action]) -> int:
+def _order(item: tuple[DocRow, Action]) -> tuple[int, str]:
+    """Deletions, then moves, then the rest; by path within each group.
+
+    The path order keeps a folder's files together: a flush fsyncs each
+    folder written since the last one, and in the plan's own (doc id) order
+    a batch of 200 downloads touched about 90 folders instead of 2 or 3.
+    """
     row, action = item
+    path = row.remote_path or row.path or row.base_path or ""
     if action.do is Do.PULL and row.remote_hash is None:
-        return 0  # deletions first: they free paths
+        return 0, row.path or path  # deletions first: they free paths
     if action.do is Do.PULL and row.path and row.remote_path != row.path:
-        return 1  # then moves
-    return 2
+        return 1, path  # then moves
+    return 2, path
 
 
 def apply_plan(ctx: Context, plan: Plan, flush_every: int = 200) -> Applied:
