@@ -39,6 +39,9 @@ from syncengine.models import (
 )
 from syncengine.paths import IgnoreRules, check_path
 
+MAX_PARSE = 8 << 20  # status checks that pending documents parse up to this size ...
+MAX_PARSE_DOCS = 200  # ... and up to this many of them
+
 
 class Workspace:
     """A synced folder: its files, journal, blob store and settings."""
@@ -221,8 +224,45 @@ class Workspace:
             sync=self._sync_info(stalled=True),
             scan=report,
             daemon=self.daemon_info(),
-            errors=report.problems + self._document_errors(),
+            errors=report.problems + self._document_errors() + self._unparsable(pending),
         )
+
+    def _unparsable(self, pending: list[PendingItem]) -> tuple:
+        """Pending structured documents that do not parse (RELIABILITY E1: flag it).
+
+        They sync as they are, byte for byte, but a concurrent edit cannot
+        merge field by field and keeps both versions; a person saving a
+        half-typed file wants to hear that before the other side edits.
+        Only pending documents are read, the first ``MAX_PARSE_DOCS`` of them
+        (as many as status lists), so it costs O(changes) and stays bounded
+        on a first sync of a large folder.
+        """
+        from syncengine.documents import parse
+        from syncengine.errors import DocumentError
+        from syncengine.models import Kind, ScanProblem
+
+        wanted = [item.path for item in pending if item.op != "deleted" and item.path][:MAX_PARSE_DOCS]
+        if not wanted:
+            return ()
+        kinds = dict(self.journal.execute(
+            f"SELECT path, kind FROM document WHERE path IN ({','.join('?' * len(wanted))})", wanted))
+        problems = []
+        for path in wanted:
+            kind = Kind(kinds[path]) if path in kinds else None
+            if kind is None or not kind.structured:
+                continue
+            try:
+                with open(self.root / path, "rb") as fh:
+                    data = fh.read(MAX_PARSE + 1)
+                if len(data) > MAX_PARSE:
+                    continue
+                parse(kind, data)
+            except DocumentError as exc:
+                problems.append(ScanProblem(path, f"{exc.message}; it syncs as it is, and a concurrent edit "
+                                                  "keeps both versions instead of merging"))
+            except OSError:
+                continue
+        return tuple(problems)
 
     def _document_errors(self) -> tuple:
         """Documents the last sync could not apply or push, with why (they stay pending)."""

@@ -62,6 +62,21 @@ def test_status_human_output(ws_root: Path):
     assert "Pending sync: 28 created" in result.stdout and "Last snapshot: none" in result.stdout
 
 
+def test_status_flags_a_pending_document_that_does_not_parse(ws_root: Path):
+    """A half-typed JSON/YAML file is named in status (text and --json) with the line it breaks on; valid ones are not."""
+    (ws_root / "half.json").write_text('{"zones": [\n')
+    (ws_root / "dup.yaml").write_text("a: 1\na: 2\n")  # duplicate keys: a merge would lose one
+    (ws_root / "fine.json").write_text('{"ok": true}\n')
+    (ws_root / "notes.txt").write_text('{"not json": \n')  # text: nothing to parse
+    data = run_cli("-C", ws_root, "status", "--json").json()
+    flagged = {e["path"]: e["reason"] for e in data["errors"]}
+    assert set(flagged) == {"half.json", "dup.yaml"}, flagged
+    assert "does not parse as JSON" in flagged["half.json"] and "line 2" in flagged["half.json"]
+    assert "keeps both versions" in flagged["dup.yaml"]
+    human = run_cli("-C", ws_root, "status")
+    assert human.code == 0 and "! half.json: does not parse as JSON" in human.stdout
+
+
 def test_outside_a_workspace_exits_5(tmp_path: Path):
     """Any workspace command outside a workspace exits 5 with one clear line."""
     for command in (["status"], ["log"], ["diff"], ["snapshot"], ["snapshots"], ["restore", "1"]):
