@@ -63,7 +63,7 @@ def test_status_human_output(ws_root: Path):
 
 
 def test_status_flags_a_pending_document_that_does_not_parse(ws_root: Path):
-    """A half-typed JSON/YAML file is named in status (text and --json) with the line it breaks on; valid ones are not."""
+    """A half-typed JSON/YAML file is named in status (text and --json) with the line it breaks on."""
     (ws_root / "half.json").write_text('{"zones": [\n')
     (ws_root / "dup.yaml").write_text("a: 1\na: 2\n")  # duplicate keys: a merge would lose one
     (ws_root / "fine.json").write_text('{"ok": true}\n')
