@@ -49,3 +49,19 @@ def sample_ws(sample_tree: Path):
     ws, _report = Workspace.init(sample_tree)
     yield ws
     ws.close()
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory):
+    """One SQLite server for a module; each test works in its own workspace on it."""
+    from tests.synckit import module_server
+
+    yield from module_server(tmp_path_factory)
+
+
+@pytest.fixture
+def kit(tmp_path, shared_server):
+    """Replicas of a fresh workspace on the module's SQLite server."""
+    from tests.synckit import Kit
+
+    return Kit(tmp_path, shared_server)

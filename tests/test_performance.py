@@ -66,14 +66,6 @@ def test_local_index_reads_plain_values(tmp_path: Path):
 # ---------------------------------------------------------------- the checkpoint after a push
 
 
-@pytest.fixture(scope="module")
-def shared_server(tmp_path_factory):
-    """One SQLite server for the module; each test works in its own workspace on it."""
-    from tests.synckit import module_server
-
-    yield from module_server(tmp_path_factory)
-
-
 def _checkpoint(root: Path) -> int:
     with Workspace(root) as ws:
         return ws.journal.state()["last_seq"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.synckit import Kit, assert_converged, converge, module_server, no_duplicate_revisions
+from tests.synckit import Kit, assert_converged, converge, no_duplicate_revisions
 
 pytestmark = pytest.mark.integration
 
@@ -20,18 +20,6 @@ DOCS = {
     "image.bin": bytes(range(256)) * 4,
     "empty.txt": "",
 }
-
-
-@pytest.fixture(scope="module")
-def shared_server(tmp_path_factory):
-    """One SQLite server for the module; each test works in its own workspace on it."""
-    yield from module_server(tmp_path_factory)
-
-
-@pytest.fixture
-def kit(tmp_path, shared_server):
-    """Replicas of a fresh workspace on the module's SQLite server."""
-    return Kit(tmp_path, shared_server)
 
 
 @pytest.fixture

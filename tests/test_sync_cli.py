@@ -12,20 +12,9 @@ import sys
 import pytest
 
 from tests.helpers import REPO, cli_env
-from tests.synckit import Kit, Replica, assert_converged, converge, module_server, no_duplicate_revisions
+from tests.synckit import Kit, Replica, assert_converged, converge, no_duplicate_revisions
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def shared_server(tmp_path_factory):
-    """One SQLite server for the module; each test works in its own workspace on it."""
-    yield from module_server(tmp_path_factory)
-
-
-@pytest.fixture
-def kit(tmp_path, shared_server):
-    return Kit(tmp_path, shared_server)
 
 
 def _journal_dump(replica: Replica, *, state: bool = True) -> list[str]:

@@ -20,7 +20,7 @@ import pytest
 from syncengine.testing import wait_until
 from tests.helpers import REPO, cli_env
 from tests.server.conftest import FaultProxy
-from tests.synckit import Kit, Replica, assert_converged, converge, module_server, no_duplicate_revisions
+from tests.synckit import Kit, Replica, assert_converged, converge, no_duplicate_revisions
 
 pytestmark = pytest.mark.integration
 
@@ -78,17 +78,6 @@ FAILPOINTS = [
     "push.after_record",
     "sync.before_state",
 ]
-
-
-@pytest.fixture(scope="module")
-def shared_server(tmp_path_factory):
-    """One SQLite server for the module; each test works in its own workspace on it."""
-    yield from module_server(tmp_path_factory)
-
-
-@pytest.fixture
-def kit(tmp_path, shared_server):
-    return Kit(tmp_path, shared_server)
 
 
 def _prepare(kit: Kit, url: str | None = None) -> tuple[Replica, Replica, dict[str, bytes]]:

@@ -8,20 +8,9 @@ import pytest
 
 from syncengine import apply, fsops, sync
 from syncengine.fsops import inject_fault
-from tests.synckit import Kit, assert_converged, converge, module_server
+from tests.synckit import assert_converged, converge
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def shared_server(tmp_path_factory):
-    """One SQLite server for the module; each test works in its own workspace on it."""
-    yield from module_server(tmp_path_factory)
-
-
-@pytest.fixture
-def kit(tmp_path, shared_server):
-    return Kit(tmp_path, shared_server)
 
 
 OLD = {"one.md": b"1\n", "two.md": b"2\n", "three.md": b"3\n"}

@@ -7,22 +7,11 @@ import sqlite3
 
 import pytest
 
-from tests.synckit import Kit, assert_converged, converge, module_server
+from tests.synckit import Kit, assert_converged, converge
 
 pytestmark = pytest.mark.integration
 
 FILES = {"a.md": "alpha\n", "b/b.json": '{"b": 1}\n', "c.bin": b"\x00\x01c", "d.txt": "delta\n"}
-
-
-@pytest.fixture(scope="module")
-def shared_server(tmp_path_factory):
-    """One SQLite server for the module; each test works in its own workspace on it."""
-    yield from module_server(tmp_path_factory)
-
-
-@pytest.fixture
-def kit(tmp_path, shared_server):
-    return Kit(tmp_path, shared_server)
 
 
 def test_a_reset_server_gets_everything_back_and_nothing_is_deleted(tmp_path, storage, server_factory):

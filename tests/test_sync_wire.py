@@ -8,15 +8,9 @@ import os
 import pytest
 
 from tests.server.conftest import FaultProxy
-from tests.synckit import Kit, assert_converged, converge, module_server, no_duplicate_revisions
+from tests.synckit import assert_converged, converge, no_duplicate_revisions
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def shared_server(tmp_path_factory):
-    """One SQLite server for the module; each test works in its own workspace on it."""
-    yield from module_server(tmp_path_factory)
 
 
 @pytest.fixture
@@ -25,11 +19,6 @@ def proxy(shared_server):
     proxy = FaultProxy(shared_server.url).start()
     yield proxy
     proxy.stop()
-
-
-@pytest.fixture
-def kit(tmp_path, shared_server):
-    return Kit(tmp_path, shared_server)
 
 
 def _calls(proxy: FaultProxy, method: str, suffix: str) -> int:
