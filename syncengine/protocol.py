@@ -40,6 +40,15 @@ MAX_PACK_HEADER = 1 << 20  # the JSON line that opens a pack
 MAX_JSON_BYTES = 16 << 20  # a JSON body, after decompression, either way
 GZIP_MIN_BYTES = 1024  # bodies above this are gzip-compressed both ways
 PACK_MEDIA_TYPE = "application/x-syncengine-pack"
+# Chunk manifests (DESIGN §4): a blob over MANIFEST_THRESHOLD travels as content-defined
+# chunks, each a blob of its own (<= SMALL_BLOB, so chunks go in packs). The cut points
+# come from FastCDC with exactly these sizes (pyfastcdc pinned in pyproject.toml):
+# every replica must cut the same bytes the same way, or nothing dedups.
+MANIFEST_THRESHOLD = 4 << 20
+CDC_MIN = 256 << 10
+CDC_AVG = 512 << 10  # pyfastcdc's parameter; its real mean is about CDC_AVG + CDC_MIN / 2
+CDC_MAX = SMALL_BLOB
+MAX_MANIFEST_CHUNKS = 100_000  # ~25 GiB at worst (all CDC_MIN), ~60 GiB typical; bigger goes whole
 
 _HASH = re.compile(r"[0-9a-f]{64}")
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -55,6 +64,7 @@ ERROR_CODES = (
     "not_found",  # no such workspace for this token, no such route
     "blob_not_found",  # GET of a blob this workspace does not hold
     "hash_mismatch",  # uploaded bytes do not hash to the name they were sent under
+    "not_a_manifest",  # GET manifests/{h} of a blob stored whole (404): fetch it whole
     "too_large",  # body over the server's cap (413)
     "unsupported_encoding",  # Content-Encoding other than gzip/identity (415)
     "method_not_allowed",
@@ -592,6 +602,46 @@ class PackResponse:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PackResponse:
         return cls(hash_list(d, "stored"))
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """A large blob as its chunks, in order: body of PUT and answer of GET ``manifests/{h}``.
+
+    ``chunks`` is a list of ``[sha256, size]``. The checks here are the ones
+    either side can make without the bytes: sizes in range and summing to
+    ``size``, a bounded count. That the chunks hash to the whole is checked
+    by whoever has them (the server on PUT, the client after assembling).
+    """
+
+    size: int
+    chunks: tuple[tuple[str, int], ...]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Manifest:
+        size = _int(d, "size") or 0
+        if size <= SMALL_BLOB:
+            raise ProtocolError(f"a manifest is for blobs over {SMALL_BLOB} bytes")
+        chunks = []
+        total = 0
+        for i, entry in enumerate(_list(d, "chunks", MAX_MANIFEST_CHUNKS)):
+            if not (isinstance(entry, list) and len(entry) == 2):
+                raise ProtocolError(f"chunks[{i}] must be [sha256, size]")
+            digest = check_hash(entry[0], f"chunks[{i}][0]")
+            length = entry[1]
+            if not isinstance(length, int) or isinstance(length, bool) or not 1 <= length <= CDC_MAX:
+                raise ProtocolError(f"chunks[{i}] size must be an integer in 1..{CDC_MAX}")
+            total += length
+            if total > size:
+                raise ProtocolError("chunk sizes add up to more than the manifest's size")
+            chunks.append((digest, length))
+        if total != size:
+            raise ProtocolError(f"chunk sizes add up to {total}, not the manifest's size {size}")
+        return cls(size, tuple(chunks))
+
+    def to_dict(self, digest: str | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {"size": self.size, "chunks": [list(c) for c in self.chunks]}
+        return {"hash": digest, **out} if digest else out
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,13 +42,14 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 import requests
 import requests.adapters
 import requests.auth
 
+from syncengine import chunked
 from syncengine import protocol as p
 from syncengine.errors import (
     AuthError,
@@ -61,6 +62,9 @@ from syncengine.errors import (
     UnsafePath,
     UsageError,
 )
+
+if TYPE_CHECKING:
+    from syncengine.chunkindex import ChunkIndex
 
 T = TypeVar("T")
 
@@ -361,6 +365,7 @@ class HttpRemote(Remote):
         backoff: float = 0.5,
         max_backoff: float = 30.0,
         max_answer: int = p.MAX_JSON_BYTES,
+        chunk_index: ChunkIndex | None = None,
     ) -> None:
         parts = urlsplit(url.rstrip("/"))
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -388,6 +393,10 @@ class HttpRemote(Remote):
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.max_answer = max_answer
+        # Blobs over MANIFEST_THRESHOLD travel as chunk manifests (syncengine.chunked);
+        # with an index, chunks already held locally are not downloaded again.
+        self.chunk_index = chunk_index
+        self.chunk_stats = chunked.ChunkStats()
         self._base = f"{self.url}{p.API_PREFIX}/ws/{quote(workspace, safe='')}"
         self._session = requests.Session()
         self._session.auth = _Bearer(token)
@@ -663,7 +672,11 @@ class HttpRemote(Remote):
             if blobs_in:
                 uploaded.extend(self._send_pack(blobs_in))
         for source in large:
-            problem = self._put_blob(source)
+            problem = chunked.WHOLE
+            if source.size > p.MANIFEST_THRESHOLD:
+                problem = chunked.upload(self, source, self.chunk_index)
+            if problem == chunked.WHOLE:
+                problem = self._put_blob(source)
             if problem is None:
                 uploaded.append(source.hash)
             else:
@@ -733,14 +746,14 @@ class HttpRemote(Remote):
             yield from blobs
             for digest in header.missing:
                 yield FetchedBlob(digest, "missing")
-            for digest in header.large:
-                yield from self._get_large(digest)
+            for digest in header.large:  # by manifest when the server has one
+                yield from chunked.fetch(self, digest, self.chunk_index)
             if header.deferred:
                 if header.blobs:
                     pending = list(header.deferred) + pending
                 else:  # nothing fit: fetch them one by one
                     for digest in header.deferred:
-                        yield from self._get_large(digest)
+                        yield from chunked.fetch(self, digest, self.chunk_index)
 
     def _unpack(self, batch: list[str]) -> tuple[p.PackHeader, list[FetchedBlob]]:
         def handle(resp: requests.Response) -> tuple[p.PackHeader, list[FetchedBlob]]:

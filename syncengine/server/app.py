@@ -36,6 +36,7 @@ import syncengine.protocol as p
 from syncengine.errors import BusyError, UnsafePath
 from syncengine.server.guard import ApiError, GuardMiddleware, Limits
 from syncengine.server.live import install as install_live
+from syncengine.server.manifests import get_manifest, put_manifest
 from syncengine.server.storage import BlobInfo, Storage, compress_chunk
 
 log = logging.getLogger("syncengine.server")
@@ -272,6 +273,31 @@ def create_app(
             media_type="application/octet-stream",
             headers={"Content-Length": str(info.size), "X-Syncengine-Blob-Size": str(info.size)},
         )
+
+    @app.put(
+        _WS + "/manifests/{sha256}",
+        status_code=201,
+        summary="Store a large blob as chunk blobs already uploaded; verified",
+        openapi_extra=_request_schema("Manifest"),
+    )
+    async def put_manifest_route(request: Request, ws: str, sha256: str) -> JSONResponse:
+        digest = _hash_param(sha256)
+        ws_id = await auth(request, ws)
+        body = await _json_body(request)
+        answer = await run_in_threadpool(
+            put_manifest, storage, ws_id, digest, body, settings.limits.blob
+        )
+        return JSONResponse(answer, status_code=201)
+
+    @app.get(
+        _WS + "/manifests/{sha256}",
+        summary="The chunks of a blob stored as a manifest (404 not_a_manifest otherwise)",
+        openapi_extra=_responds("Manifest"),
+    )
+    async def get_manifest_route(request: Request, ws: str, sha256: str) -> JSONResponse:
+        digest = _hash_param(sha256)
+        ws_id = await auth(request, ws)
+        return JSONResponse(await run_in_threadpool(get_manifest, storage, ws_id, digest))
 
     @app.post(
         _WS + "/blobs/pack",
@@ -539,6 +565,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         p.HashesRequest,
         p.MissingResponse,
         p.PackResponse,
+        p.Manifest,
         p.CommitRequest,
         p.CommitResponse,
         p.ErrorBody,

@@ -220,6 +220,22 @@ def make_models(db: pw.Database) -> SimpleNamespace:
         class Meta:
             indexes = ((("blob", "idx"), True),)
 
+    class BlobPart(Base):
+        """Part ``idx`` of a blob stored as a manifest: another blob of the same workspace.
+
+        A manifest blob has no BlobChunk rows (``chunks`` = 0 with ``size`` > 0);
+        its bytes are its parts' bytes in order. Parts are at most SMALL_BLOB,
+        so a part is never itself a manifest.
+        """
+
+        blob = pw.ForeignKeyField(Blob, on_delete="CASCADE")
+        idx = pw.IntegerField()
+        part = pw.ForeignKeyField(Blob, backref="+", on_delete="RESTRICT")
+        size = pw.BigIntegerField()
+
+        class Meta:
+            indexes = ((("blob", "idx"), True),)
+
     return SimpleNamespace(
         Meta=Meta,
         Workspace=Workspace,
@@ -229,6 +245,7 @@ def make_models(db: pw.Database) -> SimpleNamespace:
         Op=Op,
         Blob=Blob,
         BlobChunk=BlobChunk,
+        BlobPart=BlobPart,
     )
 
 
@@ -238,7 +255,12 @@ def _m1_initial(db: pw.Database, m: SimpleNamespace) -> None:
     m.Meta.insert(key="created_ns", value=str(time.time_ns())).on_conflict_ignore().execute()
 
 
-MIGRATIONS: list[Callable[[pw.Database, SimpleNamespace], None]] = [_m1_initial]
+def _m2_blob_parts(db: pw.Database, m: SimpleNamespace) -> None:
+    """Chunk manifests (DESIGN §4): a large blob may be stored as a list of part blobs."""
+    db.create_tables([m.BlobPart])
+
+
+MIGRATIONS: list[Callable[[pw.Database, SimpleNamespace], None]] = [_m1_initial, _m2_blob_parts]
 
 
 def migrate(db: pw.Database, m: SimpleNamespace) -> int:

@@ -62,6 +62,11 @@ class BlobInfo:
     size: int
     chunks: int
 
+    @property
+    def manifest(self) -> bool:
+        """Stored as parts (BlobPart rows), not as chunks: a non-empty blob with no chunk."""
+        return self.chunks == 0 and self.size > 0
+
 
 @dataclass(frozen=True, slots=True)
 class CommitOutcome:
@@ -418,8 +423,42 @@ class Storage:
         return zlib.decompress(data) if row[0] else data
 
     def iter_blob(self, info: BlobInfo) -> Iterator[bytes]:
+        if info.manifest:
+            for part in self.blob_parts(info):
+                yield from self.iter_blob(part)
+            return
         for idx in range(info.chunks):
             yield self.blob_chunk(info, idx)
+
+    def blob_parts(self, info: BlobInfo) -> list[BlobInfo]:
+        """The parts of a manifest blob, in order; [] for a blob stored whole."""
+        B, P = self.m.Blob, self.m.BlobPart
+        with self._read():
+            rows = (
+                P.select(B.id, B.hash, B.size, B.chunks)
+                .join(B, on=(P.part == B.id))
+                .where(P.blob == info.pk)
+                .order_by(P.idx)
+                .tuples()
+            )
+            return [BlobInfo(*r) for r in rows]
+
+    def put_manifest(self, ws_id: int, digest: str, size: int, parts: list[BlobInfo]) -> bool:
+        """Store a verified blob as its parts (blobs of this workspace), in one transaction.
+
+        The caller has checked that the parts exist and hash, in order, to
+        ``digest``. Returns False when the workspace already had the blob.
+        """
+        B, P = self.m.Blob, self.m.BlobPart
+        with self._write():
+            if B.select().where((B.workspace == ws_id) & (B.hash == digest)).exists():
+                return False
+            blob = B.create(
+                workspace=ws_id, hash=digest, size=size, chunks=0, created_ns=time.time_ns()
+            )
+            _executemany(self.db, P, ["blob", "idx", "part", "size"],
+                         [[blob.id, idx, part.pk, part.size] for idx, part in enumerate(parts)])
+        return True
 
     def put_blob(
         self, ws_id: int, digest: str, size: int, chunks: Iterable[tuple[bool, bytes]]
