@@ -9,9 +9,10 @@ chunks this replica already holds are copied out of older local blobs
 (:class:`~syncengine.chunkindex.ChunkIndex`), the rest come in packs, and
 the file assembled at its offsets is hashed whole before anyone sees it.
 
-Memory stays at about one pack (``_PACK_BYTES``) whatever the file's size:
-the file is cut as a stream, and chunk bytes are read back from it when
-sent. A server without manifests (404/405) gets today's whole-blob PUT/GET.
+Memory stays bounded whatever the file's size: the file is cut as a
+stream, chunk bytes are read back from it while a pack is sent (one chunk
+in memory), and a download holds at most one pack (``_PACK_BYTES``).
+A server without manifests (404/405) gets the whole-blob PUT/GET.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import hashlib
 import io
 import os
 import tempfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,26 +99,55 @@ def upload(remote: r.HttpRemote, source: r.BlobSource, index: ChunkIndex | None)
         where.setdefault(digest, (offset, size))
         offset += size
     needed = remote.missing(where)
-    try:
-        with _opened(source) as fh:
-            for group in p.pack_groups([(h, where[h][1]) for h in needed], _PACK_BYTES):
-                blobs = []
-                for digest in group:
-                    fh.seek(where[digest][0])
-                    data = fh.read(where[digest][1])
-                    if hashlib.sha256(data).hexdigest() != digest:
-                        return _CHANGED
-                    blobs.append((digest, data))
-                remote._send_pack(blobs)
-                remote.chunk_stats.chunks_sent += len(blobs)
-    except OSError as exc:
-        return f"cannot read: {exc.strerror or exc}"
+    for group in p.pack_groups([(h, where[h][1]) for h in needed], _PACK_BYTES):
+        try:
+            problem = _send_chunks(remote, source, group, where)
+        except OSError as exc:
+            return f"cannot read: {exc.strerror or exc}"
+        if problem:
+            return problem
+        remote.chunk_stats.chunks_sent += len(group)
     problem = _put_manifest(remote, source.hash, p.Manifest(offset, tuple(chunks)))
     if problem is None:
         remote.chunk_stats.manifests_put += 1
         if index is not None:
             index.record(source.hash, chunks)
     return problem
+
+
+def _send_chunks(remote: r.HttpRemote, source: r.BlobSource, group: list[str],
+                 where: dict[str, tuple[int, int]]) -> str | None:
+    """One pack of chunks, streamed from the file and gzipped on the fly: memory is one chunk.
+
+    A chunk that no longer hashes to its name (the file changed) is sent
+    anyway, padded to its size: the server refuses the whole pack
+    (hash_mismatch, nothing stored), which says the same as failing here.
+    """
+    header = p.PackHeader(tuple(p.PackEntry(h, where[h][1]) for h in group)).encode()
+
+    def body() -> Iterator[bytes]:
+        deflate = zlib.compressobj(1, zlib.DEFLATED, 31)
+        yield deflate.compress(header)
+        with _opened(source) as fh:
+            for digest in group:
+                offset, size = where[digest]
+                fh.seek(offset)
+                out = deflate.compress(fh.read(size).ljust(size, b"\0"))
+                if out:
+                    yield out
+        yield deflate.flush()
+
+    def handle(resp: requests.Response) -> None:
+        answer = r._parsed(p.PackResponse.from_dict, remote._json(resp))
+        if set(answer.stored) != set(group):
+            raise BadServerAnswer("the server did not store every chunk of a pack")
+
+    def refused(resp: requests.Response) -> str | None:
+        return _CHANGED if r._safe_json(resp).get("error") == "hash_mismatch" else None
+
+    headers = {"Content-Type": p.PACK_MEDIA_TYPE, "Content-Encoding": "gzip"}
+    return remote._call("POST", f"{remote._base}/blobs/pack", handle, body=body,
+                        headers=headers, refusal=refused)
 
 
 def _put_manifest(remote: r.HttpRemote, digest: str, manifest: p.Manifest) -> str | None:
