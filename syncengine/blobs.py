@@ -6,6 +6,12 @@ zlib-compressed or raw bytes (raw when compression does not pay, as for
 media). Blobs are written to ``objects/tmp`` and renamed into place, so a
 half-written blob never has a real name (A7); every read re-hashes what it
 returns, so a damaged blob is reported, never served.
+
+Many small blobs at once (a batch's bases, a pack of downloads) go through
+:meth:`BlobStore.put_many`: every temp file is written, all are made durable
+together (one ``syncfs``, see :mod:`syncengine.durable`), then all are
+renamed and the renames made durable, before the caller commits anything
+that names them.
 """
 
 from __future__ import annotations
@@ -15,11 +21,12 @@ import hashlib
 import os
 import secrets
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from syncengine.errors import HashMismatch
-from syncengine.fsops import CHUNK, FileStat, _open_nofollow, check_fault, mapped
+from syncengine.durable import sync_files
+from syncengine.errors import HashMismatch, SyncEngineError
+from syncengine.fsops import CHUNK, FileStat, _open_nofollow, check_fault, failpoint, mapped, os_error
 
 MAGIC = b"SEB1"
 ZLIB = b"z"
@@ -80,6 +87,100 @@ class BlobStore:
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
+
+    def put_many(self, items: Sequence[bytes], expect: Sequence[str | None] | None = None,
+                 ) -> list[str | SyncEngineError]:
+        """Store small blobs together; per item, its sha256 or why it was not stored.
+
+        One item's failure (a full disk, bytes that do not match ``expect``)
+        is that item's answer and never stops the others, so a caller keeps
+        the per-document semantics it had storing them one by one. A failure
+        of the shared write-back fails every item still pending: nothing is
+        renamed whose bytes may not be on disk. Each item is held whole in
+        memory, as it already is by the caller; large files go through
+        :meth:`put_stream`.
+        """
+        results: list[str | SyncEngineError] = []
+        pending: dict[int, tuple[Path, str]] = {}  # index -> (temp file, name)
+        first_of: dict[str, int] = {}  # name -> the item whose temp file holds it
+        twins: dict[int, int] = {}  # index -> index of the same bytes earlier in this batch
+        try:
+            for i, data in enumerate(items):
+                name = hashlib.sha256(data).hexdigest()
+                if name in first_of and (not expect or expect[i] in (None, name)):
+                    twins[i] = first_of[name]
+                    results.append(name)
+                    continue
+                results.append(self._write_one(data, name, expect[i] if expect else None, pending, i))
+                if i in pending:
+                    first_of[name] = i
+            if pending:
+                failpoint("blobs.after_temp")
+                # Before the renames: if the write-back fails, nothing is renamed and
+                # the finally below removes the temp files.
+                if not self._write_back([tmp for tmp, _name in pending.values()], pending, results):
+                    return self._twins(results, twins)
+            renamed: list[int] = []
+            for i, (tmp, name) in list(pending.items()):
+                try:
+                    final = self.path(name)
+                    final.parent.mkdir(exist_ok=True)
+                    check_fault("store", final)
+                    os.replace(tmp, final)
+                    renamed.append(i)
+                except OSError as exc:
+                    results[i] = os_error(exc, "objects")
+            done = {i: pending.pop(i) for i in renamed}
+            if done:
+                failpoint("blobs.after_rename")
+                # After them: each named blob is whole, but its name may not survive a
+                # crash, so its item fails and the caller commits nothing that names it.
+                self._write_back(sorted({self.path(name).parent for _tmp, name in done.values()}), done, results)
+        finally:
+            for tmp, _name in pending.values():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+        return self._twins(results, twins)
+
+    @staticmethod
+    def _twins(results: list[str | SyncEngineError], twins: dict[int, int]) -> list[str | SyncEngineError]:
+        for i, first in twins.items():
+            results[i] = results[first]
+        return results
+
+    def _write_one(self, data: bytes, name: str, expect: str | None, pending: dict[int, tuple[Path, str]],
+                   i: int) -> str | SyncEngineError:
+        """Write one item's temp file (no fsync: put_many makes the batch durable at once)."""
+        if expect is not None and name != expect:
+            return HashMismatch(f"content hashes to {name[:12]}, expected {expect[:12]}")
+        if self.path(name).exists():
+            return name
+        tmp = self.tmp / f"{secrets.token_hex(8)}.part"
+        try:
+            check_fault("store", tmp)  # tests: a full disk or a denied write in the blob store
+            packed = zlib.compress(data, _LEVEL)
+            raw = len(data) >= 4096 and len(packed) > len(data) * 0.95  # as put_stream decides
+            with open(tmp, "wb") as out:
+                out.write(MAGIC + RAW + data if raw else MAGIC + ZLIB + packed)
+        except OSError as exc:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            return os_error(exc, "objects")
+        pending[i] = (tmp, name)
+        return name
+
+    def _write_back(self, paths: list[Path], batch: dict[int, tuple[Path, str]],
+                    results: list[str | SyncEngineError]) -> bool:
+        """Make ``paths`` durable; if that fails, every item of ``batch`` fails (which is at fault is unknowable)."""
+        try:
+            check_fault("sync", self.dir)  # tests: a write-back that reports EIO or ENOSPC
+            sync_files(paths, self.dir)
+        except OSError as exc:
+            error = os_error(exc, "objects")
+            for i in batch:
+                results[i] = error
+            return False
+        return True
 
     def put_file(self, path: Path) -> tuple[str, FileStat]:
         """Store a file's current bytes; returns (hash, stat of those bytes).

@@ -12,7 +12,8 @@ nothing:
 * failpoints: ``SYNCENGINE_FAILPOINT=name[:N][,name...]`` kills the process
   with SIGKILL the Nth time (default 1st) ``failpoint(name)`` is reached;
 * faults: ``SYNCENGINE_FSFAULT=op:N:ERRNO`` makes the Nth operation of kind
-  ``op`` (read, write, replace, delete, mkdir, list; store for the blob store; any) fail with that errno.
+  ``op`` (read, write, replace, delete, mkdir, list; store for the blob store; sync for a batch's
+  write-back; any) fail with that errno.
 """
 
 from __future__ import annotations

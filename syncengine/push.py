@@ -77,30 +77,26 @@ def _keep_bases(blobs: BlobStore, keep: dict[str, bytes],
                 pool: ThreadPoolExecutor | None) -> Callable[[], dict[str, Exception]]:
     """Start storing the next bases of a batch; the returned wait() gives the hashes that failed, with why.
 
-    Each blob is fsynced before it takes its name, and an fsync costs about
-    a millisecond whatever its size: a batch of 100 stored one after another
-    spent most of a first sync waiting on them. The fsyncs of one batch run
-    side by side on a few threads (the GIL is released while they wait),
-    while the batch's blobs go up; all are done before the batch is
-    committed, so a base that could not be kept is never committed.
+    A base must be durable before the journal points at it, and an fsync
+    costs about a millisecond whatever the size: a batch stored one file
+    after another spent most of a first sync waiting on them. The batch goes
+    to :meth:`BlobStore.put_many` (all written, made durable at once,
+    renamed), on a thread while the batch's blobs go up; all are done before
+    the batch is committed, so a base that could not be kept is never
+    committed, and one that failed fails alone.
     """
-    def put(item: tuple[str, bytes]) -> tuple[str, Exception | None]:
-        try:
-            blobs.put_bytes(item[1])
-        except (FileSystemError, OSError) as exc:
-            return item[0], exc
-        return item[0], None
+    digests = list(keep)
 
-    if pool is None or len(keep) <= 1:
-        failed = {digest: exc for digest, exc in map(put, keep.items()) if exc is not None}
+    def put() -> dict[str, Exception]:
+        results = blobs.put_many([keep[digest] for digest in digests], expect=digests)
+        return {digest: result for digest, result in zip(digests, results, strict=True)
+                if isinstance(result, Exception)}
+
+    if pool is None or not keep:
+        failed = put() if keep else {}
         return lambda: failed
-    futures = [pool.submit(put, item) for item in keep.items()]
-
-    def wait() -> dict[str, Exception]:
-        done = (future.result() for future in futures)
-        return {digest: exc for digest, exc in done if exc is not None}
-
-    return wait
+    future = pool.submit(put)
+    return future.result
 
 
 def push(
@@ -116,15 +112,12 @@ def push(
 ) -> Pushed:
     result = Pushed()
     batch = max(1, min(batch, p.MAX_COMMIT_ITEMS))
-    with ThreadPoolExecutor(_BASE_WRITERS, thread_name_prefix="push-bases") if len(rows) > 1 else _no_pool() as pool:
+    with ThreadPoolExecutor(1, thread_name_prefix="push-bases") if len(rows) > 1 else _no_pool() as pool:
         for start in range(0, len(rows), batch):
             _push_batch(root, journal, blobs, remote, rows[start:start + batch], client_id, result, pool)
             if progress:
                 progress(min(start + batch, len(rows)), len(rows))
     return result
-
-
-_BASE_WRITERS = 8
 
 
 @contextlib.contextmanager

@@ -14,7 +14,6 @@ import os
 import sqlite3
 import tempfile
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -24,8 +23,9 @@ from syncengine import applier, leftovers, scanner
 from syncengine import apply as applying
 from syncengine import pull as pulling
 from syncengine import push as pushing
+from syncengine.blobs import BlobStore
 from syncengine.conflicts import check_strategy
-from syncengine.errors import MassDeleteGuard, RootMissing
+from syncengine.errors import MassDeleteGuard, RootMissing, SyncEngineError
 from syncengine.fsops import failpoint
 from syncengine.journal import DocRow, Journal
 from syncengine.locks import FileLock
@@ -240,28 +240,45 @@ def _fetch_blobs(ws: Workspace, remote: Remote, plan: list[tuple[DocRow, Action]
         return
     if progress:
         progress("download", 0, len(wanted))
-    # Each stored blob waits on its own fsync; small ones are stored side by
-    # side on a few threads (as push keeps its bases) while the next pack
-    # streams in. A large blob is stored at once: its bytes live in a temp
-    # file that goes when the fetch moves on. At most _STORING small blobs
-    # are in flight, so memory stays bounded by about one pack.
-    with ThreadPoolExecutor(_STORE_THREADS, thread_name_prefix="fetch-store") as pool:
-        storing: deque[Future] = deque()
+    # Small blobs are stored a pack at a time (BlobStore.put_many: written,
+    # made durable at once, renamed) on a thread while the next pack streams
+    # in; a fsync each was most of a first download. A large blob is stored
+    # at once: its bytes live in a temp file that goes when the fetch moves
+    # on. At most two packs of small blobs are held, one filling and one
+    # being stored, so memory stays bounded.
+    with ThreadPoolExecutor(1, thread_name_prefix="fetch-store") as pool:
+        storing: Future | None = None
+        pack: list[tuple[bytes, str]] = []
         for done, blob in enumerate(remote.fetch(wanted), 1):
             if blob.ok and blob.data is not None:
-                storing.append(pool.submit(ws.blobs.put_stream, [blob.data], expect=blob.hash))
+                pack.append((blob.data, blob.hash))
             elif blob.ok:
                 ws.blobs.put_stream(blob.chunks(), expect=blob.hash)
-            while len(storing) > _STORING or (storing and storing[0].done()):
-                storing.popleft().result()
+            if len(pack) >= _PACK:
+                if storing is not None:
+                    _stored(storing.result())
+                storing = pool.submit(_store_pack, ws.blobs, pack)
+                pack = []
             if progress:
                 progress("download", done, len(wanted))
-        while storing:
-            storing.popleft().result()
+        if storing is not None:
+            _stored(storing.result())
+        if pack:
+            _stored(_store_pack(ws.blobs, pack))
 
 
-_STORE_THREADS = 8
-_STORING = 256
+_PACK = 256
+
+
+def _store_pack(blobs: BlobStore, pack: list[tuple[bytes, str]]) -> list[str | SyncEngineError]:
+    return blobs.put_many([data for data, _digest in pack], expect=[digest for _data, digest in pack])
+
+
+def _stored(results: list[str | SyncEngineError]) -> None:
+    """A blob that could not be stored stops the round, as it always did (nothing that needs it is applied)."""
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
 
 
 def _dry_run(ws: Workspace, remote: Remote, pct: float, started: float) -> SyncReport:

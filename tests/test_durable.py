@@ -1,0 +1,147 @@
+"""Batched durability: many small blobs written, made durable at once, renamed; never a named partial blob."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from syncengine import durable
+from syncengine.blobs import BlobStore
+from syncengine.errors import FileSystemError, HashMismatch
+from syncengine.fsops import inject_fault
+from tests.helpers import REPO, cli_env
+
+DOCS = [b'{"id": %d, "text": "%s"}\n' % (i, b"total " * (i % 50)) for i in range(40)]
+NOISE = os.urandom(8192)  # incompressible and over 4 KiB: stored raw
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> BlobStore:
+    return BlobStore(tmp_path / "objects")
+
+
+@pytest.fixture(params=["syncfs", "fsync"])
+def durability(request, monkeypatch) -> str:
+    """Every put_many test runs on both paths: one syncfs, and the per-file fsync fallback."""
+    if request.param == "fsync":
+        monkeypatch.setenv(durable.ENV, "fsync")
+    elif not durable.syncfs_available():
+        pytest.skip("no syncfs here (not Linux)")
+    return request.param
+
+
+def _verified(store: BlobStore) -> list[str]:
+    """Every named blob, each read back through its hash check (a partial one would raise)."""
+    names = list(store.iter_digests())
+    for name in names:
+        store.get(name)
+    return names
+
+
+def test_syncfs_is_used_on_linux_and_can_be_turned_off(tmp_path, monkeypatch):
+    if not sys.platform.startswith("linux"):
+        pytest.skip("syncfs is Linux only")
+    assert durable.syncfs_available() and durable.sync_filesystem(tmp_path)
+    monkeypatch.setenv(durable.ENV, "fsync")
+    assert not durable.syncfs_available() and not durable.sync_filesystem(tmp_path)
+
+
+def test_sync_files_on_a_missing_file_raises_instead_of_claiming_durability(tmp_path, monkeypatch):
+    """The fallback opens each file: a file that is not there is an error, never silently skipped."""
+    monkeypatch.setenv(durable.ENV, "fsync")
+    (tmp_path / "here").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError):
+        durable.sync_files([tmp_path / "here", tmp_path / "gone"], tmp_path)
+
+
+def test_put_many_stores_every_item_under_its_name(store, durability):
+    """Documents compressed, media raw, a repeat and an already stored blob: all named, all read back."""
+    already = store.put_bytes(DOCS[0])
+    items = [*DOCS, NOISE, DOCS[3]]
+    results = store.put_many(items)
+    assert results == [hashlib.sha256(d).hexdigest() for d in items]
+    assert results[0] == already
+    assert store.path(results[-2]).read_bytes()[:5] == b"SEB1r" and store.get(results[-2]) == NOISE
+    assert store.path(results[5]).read_bytes()[:5] == b"SEB1z"
+    assert sorted(_verified(store)) == sorted(set(results)) and list(store.tmp.iterdir()) == []
+
+
+def test_put_many_reports_a_mismatch_for_that_item_only(store, durability):
+    expect = [hashlib.sha256(d).hexdigest() for d in DOCS[:3]]
+    expect[1] = "ab" * 32
+    results = store.put_many(DOCS[:3], expect=expect)
+    assert isinstance(results[1], HashMismatch) and results[0] == expect[0] and results[2] == expect[2]
+    assert not store.has("ab" * 32) and sorted(_verified(store)) == sorted([expect[0], expect[2]])
+
+
+@pytest.mark.parametrize("nth", [2, len(DOCS) + 1], ids=["temp-write", "rename"])
+def test_a_full_disk_fails_one_item_and_the_others_are_stored(store, durability, nth):
+    """ENOSPC on one item's temp file or on its rename: that item fails as "Disk full", the rest are kept."""
+    with inject_fault("store", nth, errno.ENOSPC):
+        results = store.put_many(DOCS)
+    failed = [i for i, r in enumerate(results) if isinstance(r, Exception)]
+    assert failed == [nth - 1 if nth == 2 else 0]
+    assert isinstance(results[failed[0]], FileSystemError) and results[failed[0]].title == "Disk full"
+    stored = [r for r in results if isinstance(r, str)]
+    assert sorted(_verified(store)) == sorted(stored) and len(stored) == len(DOCS) - 1
+    assert list(store.tmp.iterdir()) == []
+
+
+def test_a_failed_write_back_names_nothing(store, durability):
+    """If the shared write-back fails, no item of the batch is renamed: none of their bytes is known to be on disk."""
+    with inject_fault("sync", 1, errno.EIO):
+        results = store.put_many(DOCS[:5])
+    assert all(isinstance(r, FileSystemError) and r.title == "I/O error" for r in results)
+    assert list(store.iter_digests()) == [] and list(store.tmp.iterdir()) == []
+
+
+def test_a_failed_write_back_of_the_renames_fails_the_items_but_leaves_them_whole(store, durability):
+    """The renames' write-back failing: the caller must commit nothing naming them, yet each named blob is whole."""
+    with inject_fault("sync", 2, errno.EIO):
+        results = store.put_many(DOCS[:5])
+    assert all(isinstance(r, FileSystemError) for r in results)
+    assert len(_verified(store)) == 5 and list(store.tmp.iterdir()) == []
+
+
+_KILLED = """
+import sys
+from pathlib import Path
+from syncengine.blobs import BlobStore
+docs = [b'{"id": %d, "text": "%s"}' % (i, b"word " * i) for i in range(50)]
+BlobStore(Path(sys.argv[1])).put_many(docs)
+"""
+
+
+@pytest.mark.parametrize("point,named", [("blobs.after_temp", 0), ("blobs.after_rename", 50)])
+def test_a_kill_between_phases_never_leaves_a_named_partial_blob(tmp_path, point, named):
+    """SIGKILL after the temp files or after the renames: every named blob verifies, and clean_tmp clears the rest."""
+    objects = tmp_path / "objects"
+    proc = subprocess.run([sys.executable, "-c", _KILLED, str(objects)], cwd=REPO, capture_output=True,
+                          env=cli_env(SYNCENGINE_FAILPOINT=point), timeout=60)
+    assert proc.returncode == -9, proc.stderr
+    store = BlobStore(objects)
+    assert len(_verified(store)) == named
+    assert len(list(store.tmp.iterdir())) == 50 - named
+    store.clean_tmp()
+    assert list(store.tmp.iterdir()) == []
+
+
+@pytest.mark.integration
+def test_a_base_that_cannot_be_kept_holds_back_only_its_document(kit):
+    """ENOSPC storing one base during a first push: that document is reported and not committed, the rest are."""
+    files = {f"doc{i}.md": f"document {i}\n" for i in range(6)}
+    a = kit.replica(files)
+    with inject_fault("store", 2, errno.ENOSPC):
+        report = a.sync()
+    assert len(report.problems) == 1 and "No space" in report.problems[0].reason
+    assert sorted(report.pushed) == sorted(set(files) - {report.problems[0].path})
+    assert a.sync().pushed == (report.problems[0].path,)
+    b = kit.replica()
+    b.sync()
+    assert b.tree() == {name: text.encode() for name, text in files.items()}
