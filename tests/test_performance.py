@@ -13,12 +13,14 @@ from syncengine.paths import DEFAULT_IGNORES, IGNORE_FILE, IgnoreRules
 from syncengine.testing import backdate, make_tree
 
 _NAMES = ["a.json", "notes.md", "x.swp", "y~", ".#lock", "#a.md#", "4913", ".DS_Store", "Thumbs.db", "~$doc.docx",
-          "build", "keep.log", "debug.log", "é.txt", "sub", "(?P<x>).md", "a[1].md", ".syncengine.1.tmp"]
+          "build", "keep.log", "debug.log", "é.txt", "sub", "(?P<x>).md", "a[1].md", ".syncengine.1.tmp",
+          "a|b", "]x", "x|y"]
 _USER_RULES = [
     [],
     ["*.log", "build/", "/top-only.md"],
     ["docs/**/draft-*", "(?P<x>).md", "[ab].json"],
     ["*.log", "!keep.log"],  # a negation: pathspec decides, in order
+    ["a|b", "[]x]*", "x\\|*", "sub/*|"],  # regex metacharacters where the factored regex regroups terms
 ]
 
 

@@ -201,3 +201,45 @@ def test_second_status_on_5000_files_hashes_nothing(tmp_path: Path):
         assert time.monotonic() - started < 60  # sanity bound only; timings live in bench/
     finally:
         ws.close()
+
+
+@pytest.mark.parametrize("edited", [2, 15], ids=["few-rows-read", "whole-index-read"])
+def test_edits_moves_and_deletions_among_unchanged_files(tmp_path: Path, edited: int):
+    """The scan reads full journal rows only for paths whose stamp differs (or the whole index past a
+    quarter of the files): either way edits keep their document, moves follow it, deletions are found."""
+    root = tmp_path / "w"
+    make_tree(root, {f"d{i % 4}/f{i:02d}.md": f"file {i}\n" for i in range(40)})
+    backdate(root, 3600)
+    ws, _ = Workspace.init(root)
+    try:
+        ws.scan()
+        before = ws.journal.local_index()
+        for i in range(edited):
+            (root / f"d{i % 4}/f{i:02d}.md").write_text(f"edited {i}\n")
+        os.rename(root / "d3/f39.md", root / "d0/moved.md")
+        os.unlink(root / "d2/f38.md")
+        (root / "d1/new.md").write_text("new\n")
+        backdate(root, 3600)
+        report = ws.scan()
+        assert report.modified == tuple(sorted(f"d{i % 4}/f{i:02d}.md" for i in range(edited)))
+        assert report.moved == (("d3/f39.md", "d0/moved.md"),)
+        assert report.deleted == ("d2/f38.md",)
+        assert report.created == ("d1/new.md",)
+        after = ws.journal.local_index()
+        assert after["d0/moved.md"][0] == before["d3/f39.md"][0]
+        assert all(after[p][0] == before[p][0] for p in before if p in after)
+        assert ws.scan().changed == 0
+    finally:
+        ws.close()
+
+
+def test_walk_gives_file_stats_for_only_the_folders_asked(ws: Workspace):
+    """walk(only=...) (the watcher's folder rescans) reports lstat values under those folders alone."""
+    from syncengine.scanner import walk
+
+    seen = walk(ws.root, ws.ignore, only=["notes", "gone"])
+    assert list(seen.files) == ["notes/b.md"]
+    st = os.lstat(ws.root / "notes/b.md")
+    got = seen.files["notes/b.md"]
+    assert (got.size, got.mtime_ns, got.ctime_ns, got.inode) == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    assert got.mode == st.st_mode & 0o7777 and not seen.problems

@@ -8,6 +8,7 @@ other processes wait on the busy timeout. Bulk reads return tuples or
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import threading
@@ -197,14 +198,38 @@ class Journal:
         )
 
     @_translated
-    def local_index(self) -> dict[str, tuple]:
-        """path -> (doc_id, hash, size, mtime_ns, ctime_ns, inode, mode, kind) of present files."""
+    def local_index(self, paths: Iterable[str] | None = None) -> dict[str, tuple]:
+        """path -> (doc_id, hash, size, mtime_ns, ctime_ns, inode, mode, kind) of present files (or of ``paths``)."""
         D = self.m.Document
         query = D.select(D.path, D.doc_id, D.hash, D.size, D.mtime_ns, D.ctime_ns, D.inode, D.mode, D.kind)
         # Straight from the cursor: peewee's per-column converters cost more
         # than the whole stat walk on 50,000 files, and these columns are plain.
-        sql, params = query.where(D.path.is_null(False)).sql()
-        return {row[0]: row[1:] for row in self.db.execute_sql(sql, params)}
+        if paths is None:
+            sql, params = query.where(D.path.is_null(False)).sql()
+            return {row[0]: row[1:] for row in self.db.execute_sql(sql, params)}
+        out: dict[str, tuple] = {}
+        for chunk in _chunks(list(paths), 500):
+            sql, params = query.where(D.path.in_(chunk)).sql()
+            out.update((row[0], row[1:]) for row in self.db.execute_sql(sql, params))
+        return out
+
+    @_translated
+    def local_stamps(self) -> dict[str, tuple[int, int, int, int, int]]:
+        """path -> (size, mtime_ns, ctime_ns, inode, mode): what a no-op scan compares, and nothing else.
+
+        Leaving out the ids, hashes and kinds (three strings a row) makes this
+        read 40% cheaper than :meth:`local_index` on 50,000 files; the scanner
+        asks for the full rows of the few paths that differ.
+        """
+        rows = self.db.execute_sql(
+            "SELECT path, size, mtime_ns, ctime_ns, inode, mode FROM document WHERE path IS NOT NULL")
+        return {row[0]: row[1:] for row in rows}
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[Journal]:
+        """One read transaction: the queries inside see one state of the journal, whatever commits meanwhile."""
+        with translate(self.path), self.db.atomic():
+            yield self
 
     @_translated
     def count_present(self) -> int:
