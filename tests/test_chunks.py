@@ -70,9 +70,10 @@ def proxy(shared_server):
 
 
 @pytest.fixture
-def api(shared_server):
-    ws = f"chunks{next(_ws)}"
-    api = Api(shared_server.url, ws, shared_server.token(ws))
+def api(storage, server_factory):
+    """A raw client on a fresh server: SQLite, and PostgreSQL under .ci/run (migration 2 on both)."""
+    server = server_factory(storage)
+    api = Api(server.url, "chunks", server.token("chunks"))
     yield api
     api.close()
 
