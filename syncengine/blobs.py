@@ -41,6 +41,8 @@ class BlobStore:
         self.dir = directory
         self.tmp = directory / "tmp"
         self.tmp.mkdir(parents=True, exist_ok=True)
+        self._dir, self._tmp = str(directory), str(self.tmp)
+        self._folders: set[str] = set()  # objects/ab folders known to exist (put_many)
 
     def path(self, digest: str) -> Path:
         return self.dir / digest[:2] / digest[2:]
@@ -101,7 +103,8 @@ class BlobStore:
         :meth:`put_stream`.
         """
         results: list[str | SyncEngineError] = []
-        pending: dict[int, tuple[Path, str]] = {}  # index -> (temp file, name)
+        pending: dict[int, tuple[str, str]] = {}  # index -> (temp file, name); plain strings, as pathlib
+        # cost more than the writes here
         first_of: dict[str, int] = {}  # name -> the item whose temp file holds it
         twins: dict[int, int] = {}  # index -> index of the same bytes earlier in this batch
         try:
@@ -123,10 +126,7 @@ class BlobStore:
             renamed: list[int] = []
             for i, (tmp, name) in list(pending.items()):
                 try:
-                    final = self.path(name)
-                    final.parent.mkdir(exist_ok=True)
-                    check_fault("store", final)
-                    os.replace(tmp, final)
+                    self._rename(tmp, name)
                     renamed.append(i)
                 except OSError as exc:
                     results[i] = os_error(exc, "objects")
@@ -135,7 +135,8 @@ class BlobStore:
                 failpoint("blobs.after_rename")
                 # After them: each named blob is whole, but its name may not survive a
                 # crash, so its item fails and the caller commits nothing that names it.
-                self._write_back(sorted({self.path(name).parent for _tmp, name in done.values()}), done, results)
+                folders = sorted({os.path.join(self._dir, name[:2]) for _tmp, name in done.values()})
+                self._write_back(folders, done, results)
         finally:
             for tmp, _name in pending.values():
                 with contextlib.suppress(FileNotFoundError):
@@ -148,20 +149,25 @@ class BlobStore:
             results[i] = results[first]
         return results
 
-    def _write_one(self, data: bytes, name: str, expect: str | None, pending: dict[int, tuple[Path, str]],
+    def _write_one(self, data: bytes, name: str, expect: str | None, pending: dict[int, tuple[str, str]],
                    i: int) -> str | SyncEngineError:
         """Write one item's temp file (no fsync: put_many makes the batch durable at once)."""
         if expect is not None and name != expect:
             return HashMismatch(f"content hashes to {name[:12]}, expected {expect[:12]}")
-        if self.path(name).exists():
+        if os.path.exists(os.path.join(self._dir, name[:2], name[2:])):
             return name
-        tmp = self.tmp / f"{secrets.token_hex(8)}.part"
+        tmp = os.path.join(self._tmp, f"{secrets.token_hex(8)}.part")
         try:
             check_fault("store", tmp)  # tests: a full disk or a denied write in the blob store
             packed = zlib.compress(data, _LEVEL)
             raw = len(data) >= 4096 and len(packed) > len(data) * 0.95  # as put_stream decides
-            with open(tmp, "wb") as out:
-                out.write(MAGIC + RAW + data if raw else MAGIC + ZLIB + packed)
+            view = memoryview(MAGIC + RAW + data if raw else MAGIC + ZLIB + packed)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+            try:
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
         except OSError as exc:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -169,7 +175,22 @@ class BlobStore:
         pending[i] = (tmp, name)
         return name
 
-    def _write_back(self, paths: list[Path], batch: dict[int, tuple[Path, str]],
+    def _rename(self, tmp: str, name: str) -> None:
+        folder = os.path.join(self._dir, name[:2])
+        final = os.path.join(folder, name[2:])
+        check_fault("store", final)
+        if name[:2] not in self._folders:
+            os.makedirs(folder, exist_ok=True)
+            self._folders.add(name[:2])
+        try:
+            os.replace(tmp, final)
+        except FileNotFoundError:
+            if not os.path.exists(tmp):
+                raise
+            os.makedirs(folder, exist_ok=True)  # the folder went since we made it
+            os.replace(tmp, final)
+
+    def _write_back(self, paths: list[str], batch: dict[int, tuple[str, str]],
                     results: list[str | SyncEngineError]) -> bool:
         """Make ``paths`` durable; if that fails, every item of ``batch`` fails (which is at fault is unknowable)."""
         try:

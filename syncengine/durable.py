@@ -27,7 +27,6 @@ import errno
 import os
 import sys
 from collections.abc import Iterable
-from pathlib import Path
 
 ENV = "SYNCENGINE_DURABILITY"
 # Below this many files the fsyncs cost about what one syncfs does, and they
@@ -55,7 +54,7 @@ def syncfs_available() -> bool:
     return os.environ.get(ENV, "").lower() != "fsync" and _libc_syncfs() is not None
 
 
-def sync_filesystem(anchor: Path) -> bool:
+def sync_filesystem(anchor: str | os.PathLike[str]) -> bool:
     """``syncfs`` the file system holding ``anchor``; False if that cannot be done here.
 
     An error the write-back reports (EIO, ENOSPC; Linux 5.8 and later report
@@ -76,10 +75,10 @@ def sync_filesystem(anchor: Path) -> bool:
     return True
 
 
-def fsync_path(path: Path) -> None:
+def fsync_path(path: str | os.PathLike[str]) -> None:
     """fsync one file or folder by name (the fallback, and the folders of a rename)."""
     flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
-    if path.is_dir():
+    if os.path.isdir(path):
         flags |= getattr(os, "O_DIRECTORY", 0)
     fd = os.open(path, flags)
     try:
@@ -88,7 +87,7 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def sync_files(paths: Iterable[Path], anchor: Path) -> None:
+def sync_files(paths: Iterable[str | os.PathLike[str]], anchor: str | os.PathLike[str]) -> None:
     """Make the data of files already written (and closed) durable, at once if possible.
 
     ``anchor`` is any path on the same file system (the files' folder). The
