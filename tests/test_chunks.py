@@ -15,7 +15,7 @@ import random
 
 import pytest
 
-from syncengine import chunked
+from syncengine import Workspace, chunked
 from syncengine import protocol as p
 from syncengine.blobs import BlobStore
 from syncengine.chunkindex import ChunkIndex
@@ -124,6 +124,11 @@ def test_an_edit_to_a_large_file_moves_only_the_changed_chunks(kit, proxy, share
         assert not any(m == "GET" and "/blobs/" in path for m, path in proxy.seen)  # never whole
         assert b.read("big.bin") == edited
         data = edited
+    sidecars = b.root / ".syncengine" / "objects" / "manifests"
+    assert len(list(sidecars.iterdir())) == 3  # one per version b fetched
+    with Workspace(b.root) as ws:
+        ws.gc("0s")  # local gc walks the store around the sidecars' folder
+        assert ws.blobs.has(_sha(data)) and len(list(sidecars.iterdir())) == 3
 
 
 def test_a_local_copy_is_reused_and_a_damaged_one_is_fetched_instead(shared_server, tmp_path):
@@ -263,3 +268,15 @@ def test_a_bad_manifest_from_the_server_is_refused(shared_server, proxy, fault):
                 list(remote.fetch([_sha(data)]))
     finally:
         remote.close()
+
+
+def test_a_file_that_changed_since_it_was_hashed_is_not_sent(shared_server, tmp_path):
+    """The cut re-hashes the file: bytes other than the hashed ones fail that blob, nothing is stored."""
+    ws = f"chunks{next(_ws)}"
+    path = tmp_path / "big.bin"
+    path.write_bytes(_random(5 * MB, 8))
+    hashed = _sha(_random(5 * MB, 9))  # what the scan saw, before the file changed
+    remote = shared_server.remote(ws)
+    report = remote.upload([BlobSource.from_path(path, hashed)])
+    assert [(f.hash, f.reason) for f in report.failed] == [(hashed, "content changed since it was hashed")]
+    assert remote.chunk_stats.chunks_sent == 0 and remote.missing([hashed]) == [hashed]
