@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-import click
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING
 
-from cli.main import Context, cli
+import click
+
+from cli.main import Context
 from cli.render import emit, json_option
 from cli.workspace_cmds import open_workspace
 from syncengine.models import ConflictInfo
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
 TAKES = ("local", "remote", "merged")  # syncengine.resolution.TAKES, without importing the merge stack
 
 
-@cli.command()
+@click.command()
 @json_option
 @click.pass_obj
 def conflicts(ctx: Context, as_json: bool) -> None:
@@ -29,6 +32,8 @@ def conflicts(ctx: Context, as_json: bool) -> None:
 
 
 def _render_conflicts(out: Console, infos: list[ConflictInfo]) -> None:
+    from rich.table import Table
+
     if not infos:
         out.print("No open conflicts.")
         return
@@ -43,7 +48,7 @@ def _render_conflicts(out: Console, infos: list[ConflictInfo]) -> None:
               "or edit the file and run `syncengine resolve PATH`.")
 
 
-@cli.command()
+@click.command()
 @click.argument("path")
 @click.option("--take", type=click.Choice(TAKES),
               help="local: this replica's version; remote: the server's; merged: a three-way merge. "

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
 
-from cli.main import Context, cli
+from cli.main import Context
 from cli.render import emit, emit_json_line, json_option
 from cli.workspace_cmds import open_workspace
 from syncengine import daemonctl
@@ -15,8 +15,11 @@ from syncengine.models import DaemonInfo, Event
 from syncengine.progress import CHANNELS
 from syncengine.workspace import Layout, find_root
 
+if TYPE_CHECKING:
+    from rich.console import Console
 
-@cli.group()
+
+@click.group()
 def daemon() -> None:
     """The background daemon: watch the folder, autosave, sync, live updates."""
 
@@ -123,7 +126,7 @@ def daemon_run(ctx: Context, detached: bool) -> int:
     return run(find_root(ctx.start), detached=detached)
 
 
-@cli.command()
+@click.command()
 @click.option("--follow", "-f", is_flag=True, help="Keep printing events as they come (Ctrl-C stops).")
 @click.option("--channel", "channels", type=click.Choice(CHANNELS), multiple=True,
               help="Only this channel (repeatable); default: all.")

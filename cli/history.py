@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import click
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
+from typing import TYPE_CHECKING
 
-from cli.main import Context, cli
+import click
+
+from cli.main import Context
 from cli.render import emit, human_size, json_option, short_hash
 from cli.workspace_cmds import open_workspace
 from syncengine.models import DocDiff, LogEntry, RestoreReport, SnapshotInfo
 
+if TYPE_CHECKING:
+    from rich.console import Console
 
-@cli.command()
+
+@click.command()
 @click.argument("path", required=False)
 @click.option("-n", "limit", type=click.IntRange(min=1), default=20, show_default=True,
               help="Show at most N entries.")
@@ -29,6 +31,9 @@ def log(ctx: Context, path: str | None, limit: int, as_json: bool) -> None:
 
 
 def _render_log(out: Console, entries: list[LogEntry]) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
     if not entries:
         out.print("No changes recorded.")
         return
@@ -44,7 +49,7 @@ def _render_log(out: Console, entries: list[LogEntry]) -> None:
     out.print(table)
 
 
-@cli.command()
+@click.command()
 @click.argument("path", required=False)
 @click.option("--since", metavar="SNAPSHOT", help="Compare with this snapshot instead of the synced base.")
 @json_option
@@ -62,6 +67,8 @@ def diff(ctx: Context, path: str | None, since: str | None, as_json: bool) -> No
 
 
 def _render_diff(out: Console, diffs: list[DocDiff]) -> None:
+    from rich.markup import escape
+
     if not diffs:
         out.print("No differences.")
         return
@@ -88,7 +95,7 @@ def _render_diff(out: Console, diffs: list[DocDiff]) -> None:
                       f"sha256 {short_hash(d.old_hash)} -> {short_hash(d.new_hash)}")
 
 
-@cli.command()
+@click.command()
 @click.option("-m", "--message", help="Say why you took it.")
 @json_option
 @click.pass_obj
@@ -103,7 +110,7 @@ def _render_snapshot(out: Console, info: SnapshotInfo) -> None:
     out.print(f"Snapshot #{info.id}: {info.files} file(s), {info.changed} changed since the previous one.")
 
 
-@cli.command()
+@click.command()
 @click.option("-n", "limit", type=click.IntRange(min=1), default=None, help="Show at most N snapshots.")
 @json_option
 @click.pass_obj
@@ -115,6 +122,9 @@ def snapshots(ctx: Context, limit: int | None, as_json: bool) -> None:
 
 
 def _render_snapshots(out: Console, infos: list[SnapshotInfo]) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
     if not infos:
         out.print("No snapshots yet.")
         return
@@ -127,7 +137,7 @@ def _render_snapshots(out: Console, infos: list[SnapshotInfo]) -> None:
     out.print(table)
 
 
-@cli.command()
+@click.command()
 @click.argument("snapshot_ref", metavar="SNAPSHOT")
 @click.argument("paths", nargs=-1)
 @json_option
@@ -155,7 +165,7 @@ def _render_restore(out: Console, r: RestoreReport) -> None:
         out.print(f"Undo with `syncengine restore {r.safety_snapshot_id}`.")
 
 
-@cli.command()
+@click.command()
 @click.option("--keep", metavar="DURATION", help="Keep snapshots younger than this (30d, 12h; default: config).")
 @json_option
 @click.pass_obj

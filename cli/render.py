@@ -5,17 +5,22 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
 
 from syncengine.models import to_jsonable
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 
 
 def console() -> Console:
+    # rich is imported here, for a person's terminal: --json output never loads it.
+    from rich.console import Console
+
     # Piped output (scripts, CI logs) gets a wide fixed width, so tables stay
     # one row per line instead of wrapping at 80 columns.
     width = None if sys.stdout.isatty() else 200

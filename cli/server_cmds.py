@@ -11,7 +11,6 @@ from pathlib import Path
 
 import click
 
-from cli.main import cli
 from cli.render import emit, json_option
 
 _db_option = click.option(
@@ -30,7 +29,7 @@ _data_option = click.option(
 )
 
 
-@cli.command()
+@click.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option(
     "--port", default=8765, show_default=True, type=click.IntRange(0, 65535), help="TCP port."
@@ -91,7 +90,7 @@ def serve(host, port, db_url, data_dir, certfile, keyfile, max_body, max_blob, l
     )
 
 
-@cli.group()
+@click.group()
 def token() -> None:
     """Create, list and revoke the server's access tokens (run on the server's machine)."""
 

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
-from rich.markup import escape
 
-from cli.main import Context, cli
+from cli.main import Context
 from cli.render import emit, json_option
 from cli.workspace_cmds import open_workspace
 from syncengine.conflicts import STRATEGIES
 from syncengine.models import SyncReport
 
+if TYPE_CHECKING:
+    from rich.console import Console
 
-@cli.command()
+
+@click.command()
 @click.option("--strategy", type=click.Choice(STRATEGIES),
               help="Conflict strategy for this run (overrides .syncrules).")
 @click.option("--dry-run", is_flag=True, help="Show the plan; write nothing.")
@@ -53,6 +55,7 @@ class _progress:
     def __enter__(self):
         if not self.enabled:
             return None
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         self.bar = Progress(TextColumn("{task.description:>9}"), BarColumn(), MofNCompleteColumn(),
@@ -72,6 +75,8 @@ class _progress:
 
 
 def _render_sync(out: Console, r: SyncReport) -> None:
+    from rich.markup import escape
+
     if r.dry_run:
         if not r.plan:
             out.print("Dry run: nothing to do.")

@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
-from rich.markup import escape
 
-from cli.main import Context, cli
+from cli.main import Context
 from cli.render import emit, json_option
 from syncengine import Workspace
 from syncengine.models import Status
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def open_workspace(ctx: Context) -> Workspace:
     return Workspace.find(ctx.start)
 
 
-@cli.command()
+@click.command()
 @click.argument("path", type=click.Path(file_okay=False, path_type=Path), default=".")
 @click.option("--server", metavar="URL", envvar="SYNCENGINE_SERVER", help="Sync server URL.")
 @click.option("--workspace", "name", metavar="NAME", help="Workspace name on the server.")
@@ -38,6 +40,8 @@ def init(ctx: Context, path: Path, server: str | None, name: str | None, token_f
 
 
 def _render_init(out: Console, report) -> None:
+    from rich.markup import escape
+
     if report.created:
         out.print(f"Initialised workspace [bold]{escape(report.root)}[/] with {report.files} file(s).")
     else:
@@ -46,7 +50,7 @@ def _render_init(out: Console, report) -> None:
         out.print(f"Server: {escape(report.server)}  workspace: {escape(report.workspace or '')}")
 
 
-@cli.command()
+@click.command()
 @json_option
 @click.pass_obj
 def status(ctx: Context, as_json: bool) -> int:
@@ -58,6 +62,8 @@ def status(ctx: Context, as_json: bool) -> int:
 
 
 def _render_status(out: Console, st: Status) -> None:
+    from rich.markup import escape
+
     out.print(f"Workspace [bold]{escape(st.root)}[/]: {st.files} file(s)")
     p = st.pending
     if p.total:
@@ -109,7 +115,7 @@ def _render_status(out: Console, st: Status) -> None:
         out.print(f"[yellow]! {escape(problem.path)}: {escape(problem.reason)}[/]")
 
 
-@cli.command()
+@click.command()
 @json_option
 @click.pass_obj
 def repair(ctx: Context, as_json: bool) -> None:
@@ -121,6 +127,8 @@ def repair(ctx: Context, as_json: bool) -> None:
 
 
 def _render_repair(out: Console, report) -> None:
+    from rich.markup import escape
+
     if report.integrity == "ok":
         out.print(f"The journal is healthy ({report.files} file(s)); nothing to repair.")
         return

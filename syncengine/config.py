@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomlkit
-
 from syncengine.errors import UsageError
 
 
@@ -102,6 +100,8 @@ class Config:
 
     def to_toml(self) -> str:
         """The whole file, with a comment per key taken from the defaults above."""
+        import tomlkit  # only to write the file: every command reads it (tomllib), few write it
+
         doc = tomlkit.document()
         doc.add(tomlkit.comment("syncengine replica settings; see docs/configuration.md"))
         comments = _field_comments()

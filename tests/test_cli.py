@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 import pytest
 
-from cli.main import cli
+from cli.main import COMMANDS, LazyGroup, _register, cli
 from tests.helpers import cli_env, run_cli, run_proc
 
 
@@ -171,7 +171,7 @@ def test_unexpected_exception_exits_70_with_traceback_in_crash_log(ws_root: Path
 
 def test_token_is_never_taken_from_argv():
     """init has no option that takes a token value on the command line."""
-    init = cli.commands["init"]
+    init = cli.get_command(click.Context(cli), "init")
     assert not [p for p in init.params if isinstance(p, click.Option) and "--token" in p.opts]
 
 
@@ -192,7 +192,7 @@ def test_every_command_has_help_and_is_documented():
     from tests.helpers import REPO
 
     docs = (REPO / "README.md").read_text() + (REPO / "docs" / "cli.md").read_text()
-    for name in cli.commands:
+    for name in COMMANDS:
         result = run_cli(name, "--help")
         assert result.code == 0 and "Usage:" in result.stdout, name
         assert f"syncengine {name}" in docs, f"{name} is not documented"
@@ -269,3 +269,32 @@ def test_a_malformed_config_exits_2_naming_the_file(ws_root: Path, text: str):
         assert result.code == 2, (command, result.stderr)
         assert result.stderr.count("\n") == 1 and "config.toml" in result.stderr
     assert config.read_text() == text
+
+
+def test_the_command_table_matches_the_commands():
+    """cli.main.COMMANDS names every command, where it lives and its short help, exactly as the command says."""
+    _register()
+    assert set(COMMANDS) == set(cli.commands)
+    for name, (module, short) in COMMANDS.items():
+        cmd = cli.commands[name]
+        assert cmd.callback.__module__ == module, name
+        assert cmd.get_short_help_str(10**6) == short, f"COMMANDS[{name!r}] is stale: {cmd.get_short_help_str(10**6)}"
+
+
+def test_help_from_the_table_is_clicks_own_listing():
+    """`--help` rendered from the table, nothing imported, reads exactly as click renders the loaded commands."""
+    _register()
+    lazy = LazyGroup(name="syncengine", lazy=COMMANDS)
+    for width in (60, 80, 100):
+        ours = click.HelpFormatter(width=width)
+        lazy.format_commands(click.Context(lazy), ours)
+        clicks = click.HelpFormatter(width=width)
+        click.Group.format_commands(cli, click.Context(cli), clicks)
+        assert not lazy.commands
+        assert ours.getvalue() == clicks.getvalue() and "token" in ours.getvalue()
+
+
+def test_an_unknown_command_is_a_usage_error():
+    """A mistyped command exits 2 with one line, as before commands were loaded lazily."""
+    result = run_cli("stauts")
+    assert result.code == 2 and "No such command" in result.stderr and result.stderr.count("\n") == 1

@@ -1,0 +1,77 @@
+"""Start-up cost: a `syncengine` call imports only what its command needs.
+
+Every call is a fresh Python process, so what it imports is paid on every
+`status` and every no-op `sync`. These tests run the real CLI as a
+subprocess and look at the modules it ended with, never at a time.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO, cli_env
+
+# The server's, the daemon's, the terminal's and the config writer's stacks.
+NEVER_FOR_A_CLIENT = ("fastapi", "uvicorn", "starlette", "watchdog", "websockets", "deepdiff", "ruamel",
+                      "rich", "tomlkit")
+COMMAND_MODULES = ("cli.workspace_cmds", "cli.sync_cmds", "cli.history", "cli.conflict_cmds", "cli.server_cmds",
+                   "cli.daemon_cmds")
+
+_PROBE = """
+import atexit, sys
+out = sys.argv.pop(1)
+atexit.register(lambda: open(out, "w").write("\\n".join(sorted(sys.modules))))
+from cli.main import run
+sys.argv[0] = "syncengine"
+run()
+"""
+
+
+def imported_by(tmp_path: Path, *args: str | Path) -> tuple[int, set[str]]:
+    """Run `syncengine ARGS` in a fresh process; its exit code and every module it had loaded at exit."""
+    out = tmp_path / "modules.txt"
+    proc = subprocess.run([sys.executable, "-c", _PROBE, str(out), *map(str, args)], capture_output=True,
+                          text=True, env=cli_env(), cwd=REPO, timeout=120)
+    assert out.exists(), proc.stderr
+    return proc.returncode, set(out.read_text().split())
+
+
+def _tops(modules: set[str]) -> set[str]:
+    return {name.split(".")[0] for name in modules}
+
+
+def test_help_imports_no_command_module_and_no_engine(tmp_path: Path):
+    """`--help` lists every command from the table in cli.main: no command module, no engine, no rich."""
+    code, modules = imported_by(tmp_path, "--help")
+    assert code == 0
+    assert not modules & set(COMMAND_MODULES)
+    assert "syncengine.engine" not in modules and "peewee" not in modules
+    assert not _tops(modules) & set(NEVER_FOR_A_CLIENT)
+
+
+@pytest.mark.integration
+def test_status_and_sync_json_import_only_their_own_stack(tmp_path: Path, kit):
+    """`status --json` and `sync --json` in a synced workspace load their one command module and none of the
+    server, daemon, terminal-rendering or config-writing libraries; status does not load the HTTP client."""
+    replica = kit.replica({"a.json": '{"x": 1}\n', "notes/b.md": "# b\n"})
+    code, modules = imported_by(tmp_path, "-C", replica.root, "sync", "--json")
+    assert code == 0
+    assert not _tops(modules) & set(NEVER_FOR_A_CLIENT), sorted(_tops(modules) & set(NEVER_FOR_A_CLIENT))
+    assert set(COMMAND_MODULES) & modules == {"cli.sync_cmds", "cli.workspace_cmds"}
+    assert "syncengine.server" not in modules and "syncengine.daemon" not in modules
+
+    code, modules = imported_by(tmp_path, "-C", replica.root, "status", "--json")
+    assert code == 0
+    assert not _tops(modules) & {*NEVER_FOR_A_CLIENT, "requests", "urllib3", "merge3"}
+    assert set(COMMAND_MODULES) & modules == {"cli.workspace_cmds"}
+    assert "syncengine.remote" not in modules and "syncengine.merge" not in modules
+
+
+def test_a_human_status_still_renders_with_rich(tmp_path: Path, sample_ws):
+    """Without --json the renderer loads rich when it prints, and only then."""
+    code, modules = imported_by(tmp_path, "-C", sample_ws.root, "status")
+    assert code == 0 and "rich.console" in modules
