@@ -668,27 +668,27 @@ class PackHeader:
     An upload pack uses ``blobs`` only. A download pack (``blobs/unpack``)
     also lists hashes it does not carry: ``missing`` (not on the server),
     ``large`` (over SMALL_BLOB: fetch with GET) and ``deferred`` (did not
-    fit under MAX_PACK_BYTES: ask again).
+    fit under MAX_PACK_BYTES: ask again). ``manifests``, a subset of
+    ``large``, names the blobs stored as chunk manifests (GET manifests/{h}
+    first); absent from older servers' packs, so nobody asks them for one.
     """
 
     blobs: tuple[PackEntry, ...]
     missing: tuple[str, ...] = ()
     large: tuple[str, ...] = ()
     deferred: tuple[str, ...] = ()
+    manifests: tuple[str, ...] = ()
 
     def encode(self) -> bytes:
-        return (
-            json.dumps(
-                {
-                    "blobs": [[b.hash, b.size] for b in self.blobs],
-                    "missing": list(self.missing),
-                    "large": list(self.large),
-                    "deferred": list(self.deferred),
-                },
-                separators=(",", ":"),
-            ).encode()
-            + b"\n"
-        )
+        body: dict[str, Any] = {
+            "blobs": [[b.hash, b.size] for b in self.blobs],
+            "missing": list(self.missing),
+            "large": list(self.large),
+            "deferred": list(self.deferred),
+        }
+        if self.manifests:
+            body["manifests"] = list(self.manifests)
+        return json.dumps(body, separators=(",", ":")).encode() + b"\n"
 
     @property
     def total(self) -> int:
@@ -711,8 +711,13 @@ class PackHeader:
             ):
                 raise ProtocolError(f"blobs[{i}] must be [sha256, size]")
             blobs.append(PackEntry(check_hash(entry[0], f"blobs[{i}]"), entry[1]))
-        opt = {k: hash_list(d, k) if k in d else () for k in ("missing", "large", "deferred")}
+        opt = {
+            k: hash_list(d, k) if k in d else ()
+            for k in ("missing", "large", "deferred", "manifests")
+        }
         header = cls(tuple(blobs), **opt)
+        if not set(header.manifests) <= set(header.large):
+            raise ProtocolError("manifests must name large blobs only")
         if header.total > MAX_PACK_BYTES:
             raise ProtocolError(
                 f"pack carries {header.total} bytes; at most {MAX_PACK_BYTES} are allowed"

@@ -746,14 +746,17 @@ class HttpRemote(Remote):
             yield from blobs
             for digest in header.missing:
                 yield FetchedBlob(digest, "missing")
-            for digest in header.large:  # by manifest when the server has one
-                yield from chunked.fetch(self, digest, self.chunk_index)
+            for digest in header.large:
+                if digest in header.manifests:  # stored as chunks: fetch those we lack
+                    yield from chunked.fetch(self, digest, self.chunk_index)
+                else:
+                    yield from self._get_large(digest)
             if header.deferred:
                 if header.blobs:
                     pending = list(header.deferred) + pending
                 else:  # nothing fit: fetch them one by one
                     for digest in header.deferred:
-                        yield from chunked.fetch(self, digest, self.chunk_index)
+                        yield from self._get_large(digest)
 
     def _unpack(self, batch: list[str]) -> tuple[p.PackHeader, list[FetchedBlob]]:
         def handle(resp: requests.Response) -> tuple[p.PackHeader, list[FetchedBlob]]:

@@ -96,6 +96,15 @@ def test_chunking_is_deterministic_bounded_and_local():
         assert 1 <= len(new) <= 2
 
 
+def test_a_pack_header_names_manifests_among_large_blobs_only():
+    big, small = _sha(b"big"), _sha(b"small")
+    header = p.PackHeader((), large=(big,), manifests=(big,))
+    assert p.PackHeader.decode(header.encode()) == header
+    assert b"manifests" not in p.PackHeader((), large=(big,)).encode()  # as older servers wrote it
+    with pytest.raises(p.ProtocolError):
+        p.PackHeader.decode(p.PackHeader((), missing=(small,), manifests=(small,)).encode())
+
+
 # ---------------------------------------------------------------- end to end
 
 
@@ -204,7 +213,7 @@ def test_the_server_refuses_bad_manifests_and_stores_nothing(api):
 
 
 def test_a_blob_stored_whole_is_fetched_whole(shared_server, proxy):
-    """No manifest on the server (a PUT of the whole blob): GET manifests 404, then the whole GET."""
+    """Stored whole (a PUT of the whole blob): unpack does not list it in manifests, one whole GET."""
     ws = f"chunks{next(_ws)}"
     token = shared_server.token(ws)
     data = _random(5 * MB, 5)
@@ -214,7 +223,7 @@ def test_a_blob_stored_whole_is_fetched_whole(shared_server, proxy):
         assert remote.get(_sha(data)) == data
     finally:
         remote.close()
-    assert _calls(proxy, "GET", "/manifests/") == 1 and _calls(proxy, "GET", "/blobs/") == 1
+    assert _calls(proxy, "GET", "/manifests/") == 0 and _calls(proxy, "GET", "/blobs/") == 1
 
 
 def test_a_server_without_manifests_gets_the_whole_blob(shared_server, proxy):

@@ -339,7 +339,7 @@ def create_app(
         req = _validated(p.HashesRequest.from_dict, await _json_body(request))
         infos = await run_in_threadpool(storage.blob_infos, ws_id, req.hashes)
         chosen: list[BlobInfo] = []
-        missing, large, deferred = [], [], []
+        missing, large, deferred, manifests = [], [], [], []
         total = 0
         for digest in dict.fromkeys(req.hashes):
             info = infos.get(digest)
@@ -347,6 +347,8 @@ def create_app(
                 missing.append(digest)
             elif info.size > p.SMALL_BLOB:
                 large.append(digest)
+                if info.manifest:
+                    manifests.append(digest)
             elif total + info.size > p.MAX_PACK_BYTES:
                 deferred.append(digest)
             else:
@@ -357,6 +359,7 @@ def create_app(
             tuple(missing),
             tuple(large),
             tuple(deferred),
+            tuple(manifests),
         )
         return StreamingResponse(
             _pack_stream(storage, header, chosen), media_type=p.PACK_MEDIA_TYPE
