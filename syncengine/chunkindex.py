@@ -37,10 +37,14 @@ class ChunkIndex:
     def __init__(self, blobs: BlobStore) -> None:
         self.blobs = blobs
         self.dir = blobs.dir / "manifests"
+        # chunk -> (blob, offset, size): the sidecars are read once per index (one per
+        # sync round), not once per large file fetched, which was quadratic in a first sync.
+        self._where: dict[str, tuple[str, int, int]] | None = None
 
     def record(self, digest: str, chunks: Iterable[tuple[str, int]]) -> None:
         """Remember ``digest``'s chunks (atomic: a sidecar is whole or absent)."""
         p.check_hash(digest)
+        chunks = list(chunks)
         data = json.dumps([[h, n] for h, n in chunks], separators=(",", ":")).encode()
         with contextlib.suppress(OSError):  # a hint: failing to keep it costs bandwidth only
             self.dir.mkdir(exist_ok=True)
@@ -52,6 +56,16 @@ class ChunkIndex:
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
+        if self._where is not None:
+            self._add(digest, chunks, newest=True)
+
+    def _add(self, digest: str, chunks: Iterable[tuple[str, int]], newest: bool = False) -> None:
+        assert self._where is not None
+        offset = 0
+        for chunk, size in chunks:
+            if newest or chunk not in self._where:
+                self._where[chunk] = (digest, offset, size)
+            offset += size
 
     def chunks_of(self, digest: str) -> list[tuple[str, int]] | None:
         """A blob's chunks, or None (no sidecar, a damaged one, or its blob is gone)."""
@@ -72,27 +86,34 @@ class ChunkIndex:
                 path.unlink()
             return None
 
+    def _load(self) -> dict[str, tuple[str, int, int]]:
+        if self._where is None:
+            self._where = {}
+            try:
+                names = sorted(os.listdir(self.dir))
+            except OSError:
+                names = []
+            for name in names:
+                if not name.startswith(".") and len(name) == 64:
+                    self._add(name, self.chunks_of(name) or ())
+        return self._where
+
     def locate(self, wanted: Iterable[str]) -> dict[str, list[tuple[str, int, int]]]:
         """Local blobs holding wanted chunks: {blob: [(chunk, offset, size)] by offset}."""
-        todo = set(wanted)
+        where = self._load()
         found: dict[str, list[tuple[str, int, int]]] = {}
-        try:
-            names = sorted(os.listdir(self.dir))
-        except OSError:
-            return found
-        for name in names:
-            if not todo:
-                break
-            if name.startswith(".") or len(name) != 64:
-                continue
-            chunks = self.chunks_of(name)
-            offset = 0
-            for chunk, size in chunks or ():
-                if chunk in todo:
-                    todo.discard(chunk)
-                    found.setdefault(name, []).append((chunk, offset, size))
-                offset += size
+        for chunk in dict.fromkeys(wanted):
+            if chunk in where:
+                blob, offset, size = where[chunk]
+                found.setdefault(blob, []).append((chunk, offset, size))
+        for places in found.values():
+            places.sort(key=lambda place: place[1])
         return found
+
+    def _forget(self, blob: str) -> None:
+        """A blob that failed to give its chunks (gone, damaged): stop offering them."""
+        if self._where is not None:
+            self._where = {c: w for c, w in self._where.items() if w[0] != blob}
 
     def reuse(self, sizes: Mapping[str, int], write: Callable[[str, bytes], None]) -> set[str]:
         """Copy the wanted chunks (``{chunk: size}``) found locally to ``write``; the ones done.
@@ -103,8 +124,10 @@ class ChunkIndex:
         done: set[str] = set()
         for source, places in self.locate(sizes).items():
             places = [(c, off, n) for c, off, n in places if sizes.get(c) == n]
-            with contextlib.suppress(HashMismatch, OSError):
+            try:
                 self._copy(source, places, write, done)
+            except (HashMismatch, OSError):
+                self._forget(source)
         return done
 
     def _copy(self, source: str, places: list[tuple[str, int, int]],
