@@ -9,15 +9,18 @@ three can never disagree about what may exist.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import unicodedata
 from collections.abc import Callable, Iterable
 from pathlib import Path
-
-import pathspec
+from typing import TYPE_CHECKING
 
 from syncengine.errors import UnsafePath
+
+if TYPE_CHECKING:
+    import pathspec
 
 STATE_DIR = ".syncengine"
 IGNORE_FILE = ".syncignore"
@@ -125,9 +128,16 @@ class IgnoreRules:
         self._spec = self._build(())
         self.refresh()
 
-    def _build(self, user_lines: Iterable[str]) -> pathspec.PathSpec:
-        lines = [*DEFAULT_IGNORES, *self._extra, *user_lines]
-        spec = pathspec.GitIgnoreSpec.from_lines(lines)
+    def _build(self, user_lines: Iterable[str]) -> pathspec.PathSpec | None:
+        own = [line for line in (*self._extra, *user_lines) if line]  # an empty line is no rule
+        if not own:
+            # The usual workspace, with no .syncignore: the defaults' regex is
+            # written out below, and pathspec (20 ms to import) is not loaded.
+            self._any = _default_regex()
+            return None
+        import pathspec
+
+        spec = pathspec.GitIgnoreSpec.from_lines([*DEFAULT_IGNORES, *own])
         self._any = _one_regex(spec)
         return spec
 
@@ -161,11 +171,33 @@ class IgnoreRules:
         The stat walk asks once per file; a bound regex method saves the
         method call and the branch that :meth:`ignored` adds to each.
         """
-        return self._any.match if self._any is not None else self._spec.match_file
+        if self._any is not None:
+            return self._any.match
+        assert self._spec is not None  # _any is None only when a negation needs pathspec's ordered answer
+        return self._spec.match_file
 
     def ignored_name(self, name: str) -> bool:
         """Cheap check on a bare file name, for watcher events on temp files."""
         return self.ignored(name)
+
+
+# _one_regex's answer for DEFAULT_IGNORES alone, written out so that a workspace
+# without a .syncignore never imports pathspec. tests/test_performance.py checks
+# it is still what pathspec builds (after a change of the defaults or of pathspec,
+# print _one_regex(GitIgnoreSpec.from_lines(DEFAULT_IGNORES)).pattern here).
+_DEFAULT_REGEX = (
+    r"(?:^\.syncengine(?:/))|(?:^(?:.+/)?(?:(?:\.syncengine\.[^/]*\.tmp(?:(?:/)|$))"
+    r"|(?:[^/]*\.swp(?:(?:/)|$))|(?:[^/]*\.swo(?:(?:/)|$))|(?:[^/]*\.swx(?:(?:/)|$))"
+    r"|(?:[^/]*\~(?:(?:/)|$))|(?:\.\#[^/]*(?:(?:/)|$))|(?:\#[^/]*\#(?:(?:/)|$))|(?:4913(?:(?:/)|$))"
+    r"|(?:\.goutputstream\-[^/]*(?:(?:/)|$))|(?:\.DS_Store(?:(?:/)|$))|(?:Thumbs\.db(?:(?:/)|$))"
+    r"|(?:\~\$[^/]*(?:(?:/)|$))|(?:\.\~lock\.[^/]*\#(?:(?:/)|$))|(?:[^/]*\.crdownload(?:(?:/)|$))"
+    r"|(?:[^/]*\.part(?:(?:/)|$))))"
+)
+
+
+@functools.cache
+def _default_regex() -> re.Pattern[str]:
+    return re.compile(_DEFAULT_REGEX)
 
 
 def _one_regex(spec: pathspec.PathSpec) -> re.Pattern[str] | None:

@@ -47,6 +47,22 @@ def test_one_regex_ignore_agrees_with_pathspec(tmp_path: Path, user: list[str]):
         assert rules.ignored(rel, is_dir=is_dir) == expected, (rel, is_dir)
 
 
+def test_without_a_syncignore_the_written_out_regex_answers_and_pathspec_is_not_needed(tmp_path: Path):
+    """paths._DEFAULT_REGEX is what pathspec builds for the defaults, and answers as pathspec does."""
+    from syncengine.paths import _DEFAULT_REGEX, _one_regex
+
+    assert _one_regex(pathspec.GitIgnoreSpec.from_lines(DEFAULT_IGNORES)).pattern == _DEFAULT_REGEX
+    rules = IgnoreRules(tmp_path)
+    assert rules._spec is None and rules._any.pattern == _DEFAULT_REGEX
+    spec = pathspec.GitIgnoreSpec.from_lines(DEFAULT_IGNORES)
+    for rel, is_dir in _paths():
+        assert rules.ignored(rel, is_dir=is_dir) == spec.match_file(rel + "/" if is_dir else rel), (rel, is_dir)
+    (tmp_path / IGNORE_FILE).write_text("*.md\n")
+    assert rules.refresh() and rules.ignored("a/b.md") and rules._spec is not None
+    (tmp_path / IGNORE_FILE).unlink()
+    assert rules.refresh() and not rules.ignored("a/b.md") and rules._spec is None
+
+
 def test_local_index_reads_plain_values(tmp_path: Path):
     """local_index, read straight from the cursor, holds the same values as the journal's rows."""
     root = tmp_path / "w"
