@@ -77,7 +77,7 @@ def _stat_walk(root: Path, ignore: IgnoreRules, only: list[str] | None, problems
     """
     files: dict[str, Stamp] = {}
     ignored = ignore.matcher()
-    stack = [(os.fspath(root), "")] if not only else [(os.path.join(root, d), d + "/") for d in only]
+    stack = [(os.path.join(root, d), f"{d}/" if d else "") for d in only] if only else [(os.fspath(root), "")]
     while stack:
         folder, prefix = stack.pop()
         try:

@@ -243,3 +243,6 @@ def test_walk_gives_file_stats_for_only_the_folders_asked(ws: Workspace):
     got = seen.files["notes/b.md"]
     assert (got.size, got.mtime_ns, got.ctime_ns, got.inode) == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
     assert got.mode == st.st_mode & 0o7777 and not seen.problems
+    whole = walk(ws.root, ws.ignore)
+    assert sorted(whole.files) == ["a.json", "bin/c.bin", "notes/b.md"]
+    assert walk(ws.root, ws.ignore, only=[""]).files == whole.files  # the root as a folder asked for
