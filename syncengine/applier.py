@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import posixpath
 
+from syncengine import staging
 from syncengine.apply import Applied, Context, Plan, _adopt, _merge, _pull, _record_conflict, flush
 from syncengine.conflicts import split_name
 from syncengine.errors import FileSystemError, SyncEngineError
@@ -52,11 +53,27 @@ def apply_plan(ctx: Context, plan: Plan, flush_every: int = 200) -> Applied:
     begin_apply(ctx.root)
     pending = sorted(work, key=_order)
     parked: dict[str, str] = {}
+    try:
+        _attempts(ctx, pending, parked, flush_every)
+    finally:
+        ctx.staged.discard()
+    flush(ctx)
+    end_apply(ctx.root)
+    if parked:
+        ctx.result.moved[:] = [(parked.get(old, old), new) for old, new in ctx.result.moved]
+    return ctx.result
+
+
+def _attempts(ctx: Context, pending: Plan, parked: dict[str, str], flush_every: int) -> None:
     for attempt in (0, 1, 2):
         if attempt == 2:
             pending = _park_cycles(ctx, pending, parked)
         blocked: Plan = []
         for done, (row, action) in enumerate(pending, 1):
+            if done % staging.AHEAD == 1:
+                # The next downloads' bytes are written and made durable together before any is placed.
+                ctx.staged.discard()
+                staging.stage(ctx, pending[done - 1:done - 1 + staging.AHEAD])
             if ctx.progress and attempt == 0 and (done % 50 == 0 or done == len(pending)):
                 ctx.progress("apply", done, len(pending))
             try:
@@ -75,14 +92,10 @@ def apply_plan(ctx: Context, plan: Plan, flush_every: int = 200) -> Applied:
                 _problem(ctx, row, exc)
             if len(ctx.updates) >= flush_every:
                 flush(ctx)
+        ctx.staged.discard()
         if not blocked:
             break
         pending = blocked
-    flush(ctx)
-    end_apply(ctx.root)
-    if parked:
-        ctx.result.moved[:] = [(parked.get(old, old), new) for old, new in ctx.result.moved]
-    return ctx.result
 
 
 def _run(ctx: Context, row: DocRow, action: Action) -> None:

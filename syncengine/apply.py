@@ -1,9 +1,10 @@
 """Applying a round's decisions to the files here, then to the journal.
 
-Order of work for each batch (DESIGN §4 rule 3): write temp files and rename
-them into place (fsops checks each target still holds what the journal says,
-so an edit landing mid-apply becomes a conflict, not a loss), fsync every
-touched folder once, then commit the journal rows in one transaction. A kill
+Order of work for each batch (DESIGN §4 rule 3): write the temp files and
+make them durable together (:mod:`syncengine.staging`), rename them into
+place (fsops checks each target still holds what the journal says, so an
+edit landing mid-apply becomes a conflict, not a loss), fsync every touched
+folder once, then commit the journal rows in one transaction. A kill
 anywhere in between leaves files that the next round recognises: a file
 that already holds the server's bytes is simply adopted.
 """
@@ -35,6 +36,7 @@ from syncengine.journal import DocRow, Journal, now_ns
 from syncengine.leftovers import begin_apply, end_apply, recover  # noqa: F401 - part of this module's API
 from syncengine.models import Kind, ScanProblem
 from syncengine.reconcile import Action, ConflictKind, Version
+from syncengine.staging import Staged
 
 Plan = list[tuple[DocRow, Action]]
 
@@ -72,6 +74,7 @@ class Context:
     conflict_rows: list[dict[str, Any]] = field(default_factory=list)
     deletes: list[str] = field(default_factory=list)
     dirty: set[Path] = field(default_factory=set)
+    staged: Staged = field(default_factory=Staged)  # downloads written ahead (syncengine.staging)
     progress: Any = None  # (stage, current, total) -> None, the round's progress callback
 
 
@@ -163,8 +166,9 @@ def _materialise(ctx: Context, row: DocRow, local: Version | None, path: str, di
             ctx.changes.append(_change(row, "moved", path, moved_from, digest, st.size))
         return st
     mode = exec_mode(row.mode if present else None, executable)
+    staged = ctx.staged.take(path, digest, mode)  # written and made durable ahead, with the others
     st = write_atomic(ctx.root, path, ctx.blobs.iter_verified(digest),
-                      expect_hash=local.hash if present else None, mode=mode, dirty_dirs=ctx.dirty)
+                      expect_hash=local.hash if present else None, mode=mode, dirty_dirs=ctx.dirty, staged=staged)
     failpoint("apply.after_write")
     op = "moved" if moved_from else "modified" if present else "created"
     ctx.changes.append(_change(row, op, path, moved_from, digest, st.size))

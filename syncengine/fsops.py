@@ -1,6 +1,8 @@
 """All file-system work on user files, and the one place OSError becomes ours.
 
-Writes are atomic: a temp file in the target's folder, fsync, then a rename.
+Writes are atomic: a temp file in the target's folder, fsync, then a rename
+(a batch of downloads is staged first and made durable with one write-back:
+:func:`stage_temp`, :mod:`syncengine.staging`).
 Before a file is replaced or deleted it is moved aside into
 ``.syncengine/trash`` and checked against the bytes we expect; if a user edit
 landed in the meantime it is put back and the caller hears
@@ -289,7 +291,7 @@ def is_temp_name(name: str) -> bool:
     return name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)
 
 
-def _write_temp(folder: Path, name: str, chunks: Iterable[bytes], mode: int | None) -> Path:
+def _write_temp(folder: Path, name: str, chunks: Iterable[bytes], mode: int | None, *, durable: bool = True) -> Path:
     tmp = _temp_path(folder, name)
     _maybe_fault("write", tmp)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
@@ -301,7 +303,8 @@ def _write_temp(folder: Path, name: str, chunks: Iterable[bytes], mode: int | No
             fh.flush()
             if mode is not None:
                 os.fchmod(fh.fileno(), mode)
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -395,6 +398,18 @@ def recover_trash(root: Path) -> int:
     return restored
 
 
+def stage_temp(root: Path, rel: str, chunks: Iterable[bytes], mode: int | None) -> Path:
+    """Write the temp file ``write_atomic`` will place at ``rel``, without its fsync.
+
+    The caller stages a batch, makes it durable at once
+    (:func:`syncengine.durable.sync_files`), then hands each temp file to
+    :func:`write_atomic` as ``staged``; it removes those it does not use.
+    """
+    with mapped(rel):
+        folder = ensure_parent(root, rel)
+        return _write_temp(folder, (root / rel).name, chunks, mode, durable=False)
+
+
 def write_atomic(
     root: Path,
     rel: str,
@@ -403,18 +418,27 @@ def write_atomic(
     expect_hash: str | None,
     mode: int | None = None,
     dirty_dirs: set[Path] | None = None,
+    staged: Path | None = None,
 ) -> FileStat:
     """Put new bytes at ``rel`` only if the file there is the one we expect.
 
     ``expect_hash=None`` means "the path must be free": the new file is
     linked into place, which fails instead of clobbering a file that
-    appeared meanwhile. Pass ``dirty_dirs`` to batch the folder fsyncs.
+    appeared meanwhile. Pass ``dirty_dirs`` to batch the folder fsyncs, and
+    ``staged`` (from :func:`stage_temp`, already durable) for a temp file
+    holding the bytes, in place of ``chunks``.
     Returns the stat of the written file, for own-write suppression.
     """
     with mapped(rel):
-        folder = ensure_parent(root, rel)
+        try:
+            folder = ensure_parent(root, rel)
+        except BaseException:
+            if staged is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(staged)
+            raise
         target = root / rel
-        tmp = _write_temp(folder, target.name, chunks, mode)
+        tmp = staged if staged is not None else _write_temp(folder, target.name, chunks, mode)
         try:
             failpoint("apply.after_temp")
             if expect_hash is None:
