@@ -61,6 +61,9 @@ BETWEEN = {"moved/r-mvmod.md": {b"r-mvmod v1\n"}}
 FAILPOINTS = [
     "sync.after_scan",
     "sync.after_pull",
+    "blobs.after_temp",  # the downloaded blobs written, not yet durable nor named
+    "blobs.after_rename",  # ... named, their names not yet durable
+    "apply.after_stage",  # the downloads' temp files written beside their targets, nothing placed
     "apply.after_aside",  # the pulled deletion: r-del.md set aside
     "apply.after_delete",
     "apply.after_move",  # a pulled move: r-mv.md
@@ -72,6 +75,8 @@ FAILPOINTS = [
     "apply.after_write",
     "apply.after_copy",  # keep-both: the conflict copy written, the original not yet replaced
     "apply.before_journal",
+    "blobs.after_temp:2",  # the bases of the push, written beside its upload
+    "blobs.after_rename:2",
     "push.after_upload",
     "push.before_commit",
     "push.after_commit",

@@ -6,7 +6,8 @@ import errno
 
 import pytest
 
-from syncengine import apply, fsops, sync
+from syncengine import apply, fsops, staging, sync
+from syncengine.errors import FileSystemError
 from syncengine.fsops import inject_fault
 from tests.synckit import assert_converged, converge
 
@@ -78,26 +79,49 @@ def _edit_at(monkeypatch, point: str, edit) -> list[str]:
             edit()
         real(name)
 
-    for module in (fsops, apply, sync):
+    for module in (fsops, apply, staging, sync):
         monkeypatch.setattr(module, "failpoint", hook)
     return done
 
 
+@pytest.mark.parametrize("point", ["apply.after_temp", "apply.after_stage"])
 @pytest.mark.parametrize("content", [b"\x00binary edit during apply", b"text edit during apply\n"])
-def test_an_edit_landing_while_a_download_replaces_the_file_becomes_a_conflict(kit, monkeypatch, content):
-    """C8: the user saves while the remote version is being put in place; both versions survive, none is lost."""
+def test_an_edit_landing_while_a_download_replaces_the_file_becomes_a_conflict(kit, monkeypatch, content, point):
+    """C8: the user saves while the remote version is being put in place (or staged ahead of it); both survive."""
     a = kit.replica({"doc.txt": "base\n"})
     b = kit.replica()
     converge(a, b)
     a.write("doc.txt", "remote version\n")
     a.sync()
-    done = _edit_at(monkeypatch, "apply.after_temp", lambda: b.write("doc.txt", content))
+    done = _edit_at(monkeypatch, point, lambda: b.write("doc.txt", content))
     report = b.sync()
     assert done and report.conflicts and not report.problems
     converge(a, b)
     tree = assert_converged(a, b)
     merged = b"".join(tree.values())
     assert (content in merged or content.rstrip(b"\n") in merged) and b"remote version" in merged
+
+
+def test_a_failed_write_back_of_staged_downloads_fails_each_and_writes_nothing(pulled):
+    """The staged downloads' shared write-back reports EIO: none is placed, each is reported; the next round ends it."""
+    a, b = pulled
+    # The 1st and 2nd write-backs are the blob store's (the downloaded blobs, then their names).
+    with inject_fault("sync", 3, errno.EIO):
+        report = b.sync()
+    assert sorted(p.path for p in report.problems) == sorted(OLD) and "Input/output error" in report.problems[0].reason
+    assert b.tree() == OLD and b.leftovers() == []
+    assert not b.sync().problems
+    assert_converged(a, b)
+
+
+def test_a_failed_write_back_of_downloaded_blobs_stops_the_round_before_any_file(pulled):
+    """A blob that cannot be made durable is never the base of anything: the round stops with nothing written."""
+    a, b = pulled
+    with inject_fault("sync", 1, errno.EIO), pytest.raises(FileSystemError):
+        b.sync()
+    assert b.tree() == OLD and b.leftovers() == []
+    assert not b.sync().problems
+    assert_converged(a, b)
 
 
 def test_an_edit_landing_before_a_pulled_deletion_keeps_the_file(kit, monkeypatch):
