@@ -272,14 +272,20 @@ def scan(
 ) -> ScanReport:
     """Detect and journal local changes in one transaction.
 
-    The scan's start time is recorded so the next scan knows which files
-    are racy (modified within a tick of it).
+    The scan's start time is recorded with what it journals, so the next
+    scan knows which of those stamps are racy (taken within a tick of it).
+    A scan that journals nothing writes nothing, not even its time: every
+    stamp in the journal then predates the recorded time, which stays the
+    right reference for them (an older one could only widen the racy set),
+    and a no-op status or sync is spared a write transaction and its fsync.
+    A racy file is always hashed and restamped, so a scan that finds one
+    does write.
     """
     started_ns = time.time_ns()
     ignore.refresh()
     changes, restamps, report = detect(root, journal, ignore, progress=progress)
-    with journal.writing():
-        if changes or restamps:
+    if changes or restamps:
+        with journal.writing():
             journal.record_local(changes, restamps)
-        journal.update_state(last_scan_ns=started_ns)
+            journal.update_state(last_scan_ns=started_ns)
     return report

@@ -246,3 +246,30 @@ def test_walk_gives_file_stats_for_only_the_folders_asked(ws: Workspace):
     whole = walk(ws.root, ws.ignore)
     assert sorted(whole.files) == ["a.json", "bin/c.bin", "notes/b.md"]
     assert walk(ws.root, ws.ignore, only=[""]).files == whole.files  # the root as a folder asked for
+
+
+def test_a_no_op_scan_writes_nothing_and_a_same_tick_edit_is_still_found(tmp_path: Path):
+    """A scan that finds nothing leaves the journal's bytes alone; the racy rule still catches an edit that keeps
+    size and mtime after any number of such scans."""
+    root = tmp_path / "w"
+    make_tree(root, {"a.json": '{"x": 1}\n', "b.md": "# b\n"})
+    backdate(root, 3600)
+    ws, _ = Workspace.init(root)
+    try:
+        ws.scan()  # restamps what init saw as racy
+        state = root / ".syncengine"
+        before = {p.name: p.read_bytes() for p in state.glob("journal.db*")}
+        for _ in range(3):
+            report = ws.scan()
+            assert report.hashed == 0 and report.changed == 0
+        assert {p.name: p.read_bytes() for p in state.glob("journal.db*")} == before
+        path = root / "a.json"
+        path.write_text('{"x": 2}\n')
+        report = ws.scan()  # now racy: hashed, found modified, and the scan time written
+        assert report.modified == ("a.json",)
+        st = path.stat()
+        path.write_text('{"x": 3}\n')  # same size, same mtime: only the racy rule or ctime can tell
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert ws.scan().modified == ("a.json",)
+    finally:
+        ws.close()
