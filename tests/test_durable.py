@@ -31,7 +31,9 @@ def durability(request, monkeypatch) -> str:
     """Every put_many test runs on both paths: one syncfs, and the per-file fsync fallback."""
     if request.param == "fsync":
         monkeypatch.setenv(durable.ENV, "fsync")
-    elif not durable.syncfs_available():
+        return request.param
+    monkeypatch.delenv(durable.ENV, raising=False)
+    if not durable.syncfs_available():
         pytest.skip("no syncfs here (not Linux)")
     return request.param
 
@@ -47,6 +49,7 @@ def _verified(store: BlobStore) -> list[str]:
 def test_syncfs_is_used_on_linux_and_can_be_turned_off(tmp_path, monkeypatch):
     if not sys.platform.startswith("linux"):
         pytest.skip("syncfs is Linux only")
+    monkeypatch.delenv(durable.ENV, raising=False)
     assert durable.syncfs_available() and durable.sync_filesystem(tmp_path)
     monkeypatch.setenv(durable.ENV, "fsync")
     assert not durable.syncfs_available() and not durable.sync_filesystem(tmp_path)
