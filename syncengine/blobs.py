@@ -24,7 +24,7 @@ import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from syncengine.durable import sync_files
+from syncengine.durable import Batch
 from syncengine.errors import HashMismatch, SyncEngineError
 from syncengine.fsops import CHUNK, FileStat, _open_nofollow, check_fault, failpoint, mapped, os_error
 
@@ -107,6 +107,13 @@ class BlobStore:
         # cost more than the writes here
         first_of: dict[str, int] = {}  # name -> the item whose temp file holds it
         twins: dict[int, int] = {}  # index -> index of the same bytes earlier in this batch
+        with Batch(self._dir) as batch:
+            self._put_all(items, expect, batch, results, pending, first_of, twins)
+        return self._twins(results, twins)
+
+    def _put_all(self, items: Sequence[bytes], expect: Sequence[str | None] | None, batch: Batch,
+                 results: list[str | SyncEngineError], pending: dict[int, tuple[str, str]],
+                 first_of: dict[str, int], twins: dict[int, int]) -> None:
         try:
             for i, data in enumerate(items):
                 name = hashlib.sha256(data).hexdigest()
@@ -121,8 +128,8 @@ class BlobStore:
                 failpoint("blobs.after_temp")
                 # Before the renames: if the write-back fails, nothing is renamed and
                 # the finally below removes the temp files.
-                if not self._write_back([tmp for tmp, _name in pending.values()], pending, results):
-                    return self._twins(results, twins)
+                if not self._write_back(batch, [tmp for tmp, _name in pending.values()], pending, results):
+                    return
             renamed: list[int] = []
             for i, (tmp, name) in list(pending.items()):
                 try:
@@ -136,12 +143,11 @@ class BlobStore:
                 # After them: each named blob is whole, but its name may not survive a
                 # crash, so its item fails and the caller commits nothing that names it.
                 folders = sorted({os.path.join(self._dir, name[:2]) for _tmp, name in done.values()})
-                self._write_back(folders, done, results)
+                self._write_back(batch, folders, done, results)
         finally:
             for tmp, _name in pending.values():
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
-        return self._twins(results, twins)
 
     @staticmethod
     def _twins(results: list[str | SyncEngineError], twins: dict[int, int]) -> list[str | SyncEngineError]:
@@ -190,15 +196,15 @@ class BlobStore:
             os.makedirs(folder, exist_ok=True)  # the folder went since we made it
             os.replace(tmp, final)
 
-    def _write_back(self, paths: list[str], batch: dict[int, tuple[str, str]],
+    def _write_back(self, batch: Batch, paths: list[str], items: dict[int, tuple[str, str]],
                     results: list[str | SyncEngineError]) -> bool:
-        """Make ``paths`` durable; if that fails, every item of ``batch`` fails (which is at fault is unknowable)."""
+        """Make ``paths`` durable; if that fails, every one of ``items`` fails (which is at fault is unknowable)."""
         try:
             check_fault("sync", self.dir)  # tests: a write-back that reports EIO or ENOSPC
-            sync_files(paths, self.dir)
+            batch.sync(paths)
         except OSError as exc:
             error = os_error(exc, "objects")
-            for i in batch:
+            for i in items:
                 results[i] = error
             return False
         return True

@@ -8,14 +8,20 @@ system in a single pass: measured here, 100 small files written then made
 durable with ``syncfs`` took 8–17 ms against 30–37 ms for an fsync each
 (docs/performance.md).
 
-The price is that ``syncfs`` also writes back what other programs left
-dirty on the same file system; a batch of a handful of files, or a file
-system whose other writers make that slow, is better served by fsyncs.
-``SYNCENGINE_DURABILITY=fsync`` forces them; where ``syncfs`` does not
-exist (not Linux, no libc) they are the fallback. Either way the caller's
-order is the same (DESIGN §4 rule 3): write the temp files, make them
-durable here, rename them, make the renames durable, then commit the
-journal rows that name them.
+Use: open a :class:`Batch` *before* writing the batch's files, write them
+(no fsync), ``sync()`` them, rename them, ``sync()`` the folders, then
+commit what names them (DESIGN §4 rule 3). The descriptor is opened first
+because ``syncfs`` reports a write-back error (EIO, ENOSPC; Linux 5.8 and
+later) only if it happened after its descriptor was opened: an error the
+kernel's own flusher met on one of our files in between is then still ours.
+
+``syncfs`` also writes back what other programs left dirty on the same file
+system. A batch of a handful of files, or a file system whose other writers
+make that slow, is better served by fsyncs: ``SYNCENGINE_DURABILITY=fsync``
+forces them. Where ``syncfs`` does not exist (not Linux, no libc, a kernel
+or sandbox that refuses it) they are the fallback, as they are for any file
+that lives on another file system than the batch's anchor (a mount inside
+the workspace).
 """
 
 from __future__ import annotations
@@ -27,11 +33,13 @@ import errno
 import os
 import sys
 from collections.abc import Iterable
+from types import TracebackType
 
 ENV = "SYNCENGINE_DURABILITY"
 # Below this many files the fsyncs cost about what one syncfs does, and they
 # never wait on another program's dirty pages.
 MIN_BATCH = 4
+PathLike = str | os.PathLike[str]
 
 _syncfs: list = []  # resolved once: [function] or [None]
 
@@ -50,32 +58,11 @@ def _libc_syncfs():  # a ctypes function, or None
 
 
 def syncfs_available() -> bool:
-    """Whether :func:`sync_files` will use one ``syncfs`` for a large enough batch."""
+    """Whether a :class:`Batch` of enough files is made durable with one ``syncfs``."""
     return os.environ.get(ENV, "").lower() != "fsync" and _libc_syncfs() is not None
 
 
-def sync_filesystem(anchor: str | os.PathLike[str]) -> bool:
-    """``syncfs`` the file system holding ``anchor``; False if that cannot be done here.
-
-    An error the write-back reports (EIO, ENOSPC; Linux 5.8 and later report
-    them) is raised as OSError: the caller must not go on to rename.
-    """
-    func = _libc_syncfs() if os.environ.get(ENV, "").lower() != "fsync" else None
-    if func is None:
-        return False
-    fd = os.open(anchor, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    try:
-        if func(fd) != 0:
-            err = ctypes.get_errno()
-            if err in (0, errno.ENOSYS):  # a kernel without it, or a sandbox that hides it
-                return False
-            raise OSError(err, os.strerror(err), str(anchor))
-    finally:
-        os.close(fd)
-    return True
-
-
-def fsync_path(path: str | os.PathLike[str]) -> None:
+def fsync_path(path: PathLike) -> None:
     """fsync one file or folder by name (the fallback, and the folders of a rename)."""
     flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
     if os.path.isdir(path):
@@ -87,17 +74,50 @@ def fsync_path(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def sync_files(paths: Iterable[str | os.PathLike[str]], anchor: str | os.PathLike[str]) -> None:
-    """Make the data of files already written (and closed) durable, at once if possible.
+class Batch:
+    """One batch of writes made durable together; open it before the first write."""
 
-    ``anchor`` is any path on the same file system (the files' folder). The
-    files may be folders too: fsyncing a folder makes the renames in it
-    durable, which is what the second call of a batch is for.
-    """
-    todo = list(paths)
-    if not todo:
-        return
-    if len(todo) >= MIN_BATCH and sync_filesystem(anchor):
-        return
-    for path in todo:
-        fsync_path(path)
+    def __init__(self, anchor: PathLike) -> None:
+        self.anchor = os.fspath(anchor)
+        self.fd: int | None = None
+        if syncfs_available():
+            self.fd = os.open(self.anchor, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            self.dev = os.fstat(self.fd).st_dev
+
+    def __enter__(self) -> Batch:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def sync(self, paths: Iterable[PathLike]) -> None:
+        """Make these files (or folders: their renames) durable; raises OSError if the write-back failed.
+
+        The files must be closed already: what is still buffered in a
+        Python file object is not the kernel's to write back.
+        """
+        todo = list(paths)
+        if self.fd is not None and len(todo) >= MIN_BATCH:
+            elsewhere = [path for path in todo if os.stat(path).st_dev != self.dev]
+            if self._syncfs():
+                todo = elsewhere
+        for path in todo:
+            fsync_path(path)
+
+    def _syncfs(self) -> bool:
+        func = _libc_syncfs()
+        if func is None or self.fd is None:
+            return False
+        if func(self.fd) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err in (0, errno.ENOSYS, errno.EPERM):  # a kernel without it, or a sandbox that refuses it
+            return False
+        raise OSError(err, os.strerror(err), self.anchor)
+

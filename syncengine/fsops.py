@@ -402,7 +402,7 @@ def stage_temp(root: Path, rel: str, chunks: Iterable[bytes], mode: int | None) 
     """Write the temp file ``write_atomic`` will place at ``rel``, without its fsync.
 
     The caller stages a batch, makes it durable at once
-    (:func:`syncengine.durable.sync_files`), then hands each temp file to
+    (:class:`syncengine.durable.Batch`), then hands each temp file to
     :func:`write_atomic` as ``staged``; it removes those it does not use.
     """
     with mapped(rel):

@@ -4,7 +4,7 @@ Every file a pull writes used to wait on its own fsync before its rename; a
 second replica's first sync spent most of its time on them. The applier now
 stages the temp files of the next documents to download (written from the
 blob store, not fsynced), makes them all durable with one write-back
-(:func:`syncengine.durable.sync_files`), and only then runs the actions one
+(:class:`syncengine.durable.Batch`), and only then runs the actions one
 by one as before: each takes its staged temp file and goes through the same
 set-aside, verify and rename (:func:`syncengine.fsops.write_atomic`). The
 folders are fsynced and the journal committed at the flush, as always
@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from syncengine.durable import sync_files
+from syncengine.durable import Batch
 from syncengine.errors import SyncEngineError
 from syncengine.fsops import check_fault, failpoint, os_error, stage_temp
 from syncengine.reconcile import Action, Do
@@ -75,6 +75,26 @@ def target(row: DocRow) -> Key | None:
 
 def stage(ctx: Context, items: list[tuple[DocRow, Action]]) -> None:
     """Write the temp files of the pulls among ``items`` into ``ctx.staged`` and make them durable together."""
+    with Batch(ctx.root) as batch:
+        written = _write_all(ctx, items)
+        if not written:
+            return
+        failpoint("apply.after_stage")
+        try:
+            check_fault("sync", ctx.root)  # tests: a write-back that reports EIO or ENOSPC
+            batch.sync(written)
+        except OSError as exc:
+            # None of them is known to be on disk: each document fails with this, and writes nothing.
+            error = os_error(exc, "downloads")
+            ours = set(written)
+            for key, found in list(ctx.staged.files.items()):
+                if isinstance(found, Path) and found in ours:
+                    with contextlib.suppress(OSError):
+                        os.unlink(found)
+                    ctx.staged.files[key] = error
+
+
+def _write_all(ctx: Context, items: list[tuple[DocRow, Action]]) -> list[Path]:
     staged = ctx.staged
     written: list[Path] = []
     for row, action in items:
@@ -87,18 +107,4 @@ def stage(ctx: Context, items: list[tuple[DocRow, Action]]) -> None:
             written.append(tmp)
         except (OSError, SyncEngineError) as exc:
             staged.files[key] = exc
-    if not written:
-        return
-    failpoint("apply.after_stage")
-    try:
-        check_fault("sync", ctx.root)  # tests: a write-back that reports EIO or ENOSPC
-        sync_files(written, ctx.root)
-    except OSError as exc:
-        # None of them is known to be on disk: each document fails with this, and writes nothing.
-        error = os_error(exc, "downloads")
-        ours = set(written)
-        for key, found in list(staged.files.items()):
-            if isinstance(found, Path) and found in ours:
-                with contextlib.suppress(OSError):
-                    os.unlink(found)
-                staged.files[key] = error
+    return written
