@@ -52,6 +52,9 @@ def test_lifecycle_start_twice_status_stop_and_stale_pid(tmp_path: Path, daemons
     busy = subprocess.run([sys.executable, "-m", "cli", "-C", str(root), "daemon", "run"], cwd=REPO,
                           capture_output=True, text=True, timeout=30)
     assert busy.returncode == 7 and "already running" in busy.stderr
+    # The daemon says "starting" until its watcher runs; status answers at once either way.
+    wait_until(lambda: json.loads(run_proc("-C", root, "status", "--json").stdout)["daemon"]["watcher"]
+               == "inotify", timeout=10, message="the daemon's watcher in status")
     status = json.loads(run_proc("-C", root, "status", "--json").stdout)["daemon"]
     assert status["running"] and status["pid"] == pid and status["watcher"] == "inotify"
     assert json.loads(run_proc("-C", root, "daemon", "status", "--json").stdout)["pid"] == pid
@@ -62,7 +65,9 @@ def test_lifecycle_start_twice_status_stop_and_stale_pid(tmp_path: Path, daemons
     assert "Daemon: not running" in run_proc("-C", root, "daemon", "status").stdout
     Layout(root).daemon_pid.write_text("999999\n")  # a pid file a killed daemon left behind
     new_pid = daemons.start(root)
-    assert new_pid != 999999 and "Daemon: watching" in run_proc("-C", root, "status").stdout
+    assert new_pid != 999999
+    wait_until(lambda: "Daemon: watching" in run_proc("-C", root, "status").stdout, timeout=10,
+               message="the restarted daemon watching")
     assert "daemon started" in Layout(root).daemon_log.read_text()
 
 
