@@ -249,16 +249,18 @@ def _fetch_blobs(ws: Workspace, remote: Remote, plan: list[tuple[DocRow, Action]
     with ThreadPoolExecutor(1, thread_name_prefix="fetch-store") as pool:
         storing: Future | None = None
         pack: list[tuple[bytes, str]] = []
+        held = 0
         for done, blob in enumerate(remote.fetch(wanted), 1):
             if blob.ok and blob.data is not None:
                 pack.append((blob.data, blob.hash))
+                held += len(blob.data)
             elif blob.ok:
                 ws.blobs.put_stream(blob.chunks(), expect=blob.hash)
-            if len(pack) >= _PACK:
+            if len(pack) >= _PACK or held >= _PACK_BYTES:
                 if storing is not None:
                     _stored(storing.result())
                 storing = pool.submit(_store_pack, ws.blobs, pack)
-                pack = []
+                pack, held = [], 0
             if progress:
                 progress("download", done, len(wanted))
         if storing is not None:
@@ -268,6 +270,7 @@ def _fetch_blobs(ws: Workspace, remote: Remote, plan: list[tuple[DocRow, Action]
 
 
 _PACK = 256
+_PACK_BYTES = 16 << 20
 
 
 def _store_pack(blobs: BlobStore, pack: list[tuple[bytes, str]]) -> list[str | SyncEngineError]:
