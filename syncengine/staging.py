@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 Key = tuple[str, str, int]  # (path, hash, mode) of the file an action will write
 AHEAD = 200  # documents staged at a time: about one flush
+MAX_FILE = 1 << 20  # stored size above which a download writes and fsyncs its own temp file
+MAX_BYTES = 32 << 20  # stored bytes staged at a time
 
 
 class Staged:
@@ -97,11 +99,21 @@ def stage(ctx: Context, items: list[tuple[DocRow, Action]]) -> None:
 def _write_all(ctx: Context, items: list[tuple[DocRow, Action]]) -> list[Path]:
     staged = ctx.staged
     written: list[Path] = []
+    budget = MAX_BYTES
     for row, action in items:
         key = target(row) if action.do is Do.PULL else None
         if key is None or key in staged.files:
             continue
         path, digest, mode = key
+        try:
+            # Small files only: a large one gains nothing from sharing a write-back,
+            # and many staged at once would hold their new bytes beside the old.
+            size = os.stat(ctx.blobs.path(digest)).st_size
+        except OSError:
+            continue  # not in the store as one blob: the action reports or handles it
+        if size > MAX_FILE or size > budget:
+            continue
+        budget -= size
         try:
             staged.files[key] = tmp = stage_temp(ctx.root, path, ctx.blobs.iter_verified(digest), mode)
             written.append(tmp)

@@ -173,3 +173,26 @@ def test_a_base_that_cannot_be_kept_holds_back_only_its_document(kit):
     b = kit.replica()
     b.sync()
     assert b.tree() == {name: text.encode() for name, text in files.items()}
+
+
+@pytest.mark.integration
+def test_only_small_downloads_are_staged_and_all_land(kit, monkeypatch):
+    """A large download writes its own temp file (staging it would hold its bytes beside the old ones); all land."""
+    from syncengine import staging
+
+    staged: list[list[str]] = []
+    real = staging._write_all
+
+    def spy(ctx, items):
+        written = real(ctx, items)
+        staged.append(sorted(p.name for p in written))
+        return written
+
+    monkeypatch.setattr(staging, "_write_all", spy)
+    big = os.urandom(staging.MAX_FILE + 1000)
+    a = kit.replica({"big.bin": big, **{f"doc{i}.md": f"document {i}\n" for i in range(5)}})
+    a.sync()
+    b = kit.replica()
+    b.sync()
+    assert b.read("big.bin") == big and len(b.tree()) == 6 and b.leftovers() == []
+    assert len(staged) == 1 and len(staged[0]) == 5 and not any("big.bin" in name for name in staged[0])
