@@ -292,7 +292,7 @@ def create_app(
     @app.get(
         _WS + "/manifests/{sha256}",
         summary="The chunks of a blob stored as a manifest (404 not_a_manifest otherwise)",
-        openapi_extra=_responds("Manifest"),
+        openapi_extra=_responds("ManifestAnswer"),
     )
     async def get_manifest_route(request: Request, ws: str, sha256: str) -> JSONResponse:
         digest = _hash_param(sha256)
@@ -576,6 +576,11 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         one = TypeAdapter(cls).json_schema(ref_template="#/components/schemas/{model}")
         comps.update(one.pop("$defs", {}))
         comps[cls.__name__] = one
+    # GET manifests answers the PUT body plus the hash it was asked for.
+    answer = {**comps["Manifest"], "title": "ManifestAnswer"}
+    answer["properties"] = {"hash": {"type": "string", "title": "Hash"}, **answer.get("properties", {})}
+    answer["required"] = ["hash", *answer.get("required", [])]
+    comps["ManifestAnswer"] = answer
     for name in ("ChangesPage", "DocsPage"):
         comps[name].get("properties", {}).pop("rejected", None)
     comps.pop("RejectedItem", None)

@@ -425,6 +425,7 @@ def test_the_openapi_document_describes_every_route(server, api_for, alpha):
         "/v1/ws/{ws}/blobs/pack",
         "/v1/ws/{ws}/blobs/unpack",
         "/v1/ws/{ws}/commit",
+        "/v1/ws/{ws}/manifests/{sha256}",
     ):
         assert route in paths
     schemas = doc["components"]["schemas"]
@@ -437,6 +438,14 @@ def test_the_openapi_document_describes_every_route(server, api_for, alpha):
         "ErrorBody",
     } <= set(schemas)
     assert "rejected" not in schemas["ChangesPage"]["properties"]
+    # GET manifests answers with the hash asked beside the PUT body's fields.
+    manifest = paths["/v1/ws/{ws}/manifests/{sha256}"]
+    put_ref = manifest["put"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    get_ref = manifest["get"]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+    assert put_ref.endswith("/Manifest") and get_ref.endswith("/ManifestAnswer")
+    assert "hash" not in schemas["Manifest"]["properties"]
+    assert {"hash", "size", "chunks"} <= set(schemas["ManifestAnswer"]["properties"])
+    assert "hash" in schemas["ManifestAnswer"]["required"]
 
 
 def test_unknown_routes_and_methods_answer_json(server, api_for, alpha):
