@@ -443,19 +443,24 @@ class Storage:
             )
             return [BlobInfo(*r) for r in rows]
 
+    def _new_blob(self, ws_id: int, digest: str, size: int) -> Any:
+        """The new blob row (inside the caller's write transaction), or None if the workspace has it."""
+        B = self.m.Blob
+        if B.select().where((B.workspace == ws_id) & (B.hash == digest)).exists():
+            return None
+        return B.create(workspace=ws_id, hash=digest, size=size, chunks=0, created_ns=time.time_ns())
+
     def put_manifest(self, ws_id: int, digest: str, size: int, parts: list[BlobInfo]) -> bool:
         """Store a verified blob as its parts (blobs of this workspace), in one transaction.
 
         The caller has checked that the parts exist and hash, in order, to
         ``digest``. Returns False when the workspace already had the blob.
         """
-        B, P = self.m.Blob, self.m.BlobPart
+        P = self.m.BlobPart
         with self._write():
-            if B.select().where((B.workspace == ws_id) & (B.hash == digest)).exists():
+            blob = self._new_blob(ws_id, digest, size)
+            if blob is None:
                 return False
-            blob = B.create(
-                workspace=ws_id, hash=digest, size=size, chunks=0, created_ns=time.time_ns()
-            )
             _executemany(self.db, P, ["blob", "idx", "part", "size"],
                          [[blob.id, idx, part.pk, part.size] for idx, part in enumerate(parts)])
         return True
@@ -471,11 +476,9 @@ class Storage:
         """
         B, K = self.m.Blob, self.m.BlobChunk
         with self._write():
-            if B.select().where((B.workspace == ws_id) & (B.hash == digest)).exists():
+            blob = self._new_blob(ws_id, digest, size)
+            if blob is None:
                 return False
-            blob = B.create(
-                workspace=ws_id, hash=digest, size=size, chunks=0, created_ns=time.time_ns()
-            )
             count = 0
             for compressed, data in chunks:
                 K.insert(blob=blob.id, idx=count, compressed=compressed, data=data).execute()
