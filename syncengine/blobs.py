@@ -23,6 +23,7 @@ import secrets
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import cast
 
 from syncengine.durable import Batch
 from syncengine.errors import HashMismatch, SyncEngineError
@@ -102,66 +103,63 @@ class BlobStore:
         memory, as it already is by the caller; large files go through
         :meth:`put_stream`.
         """
-        results: list[str | SyncEngineError] = []
-        pending: dict[int, tuple[str, str]] = {}  # index -> (temp file, name); plain strings, as pathlib
-        # cost more than the writes here
-        first_of: dict[str, int] = {}  # name -> the item whose temp file holds it
-        twins: dict[int, int] = {}  # index -> index of the same bytes earlier in this batch
+        results: list[str | SyncEngineError | None] = [None] * len(items)
+        # name -> (temp file, the items with these bytes); plain strings, as pathlib
+        # costs more than the writes here
+        pending: dict[str, tuple[str, list[int]]] = {}
         with Batch(self._dir) as batch:
-            self._put_all(items, expect, batch, results, pending, first_of, twins)
-        return self._twins(results, twins)
-
-    def _put_all(self, items: Sequence[bytes], expect: Sequence[str | None] | None, batch: Batch,
-                 results: list[str | SyncEngineError], pending: dict[int, tuple[str, str]],
-                 first_of: dict[str, int], twins: dict[int, int]) -> None:
-        try:
-            for i, data in enumerate(items):
-                name = hashlib.sha256(data).hexdigest()
-                if name in first_of and (not expect or expect[i] in (None, name)):
-                    twins[i] = first_of[name]
-                    results.append(name)
-                    continue
-                results.append(self._write_one(data, name, expect[i] if expect else None, pending, i))
-                if i in pending:
-                    first_of[name] = i
-            if pending:
-                failpoint("blobs.after_temp")
-                # Before the renames: if the write-back fails, nothing is renamed and
-                # the finally below removes the temp files.
-                if not self._write_back(batch, [tmp for tmp, _name in pending.values()], pending, results):
-                    return
-            renamed: list[int] = []
-            for i, (tmp, name) in list(pending.items()):
-                try:
-                    self._rename(tmp, name)
-                    renamed.append(i)
-                except OSError as exc:
-                    results[i] = os_error(exc, "objects")
-            done = {i: pending.pop(i) for i in renamed}
-            if done:
-                failpoint("blobs.after_rename")
-                # After them: each named blob is whole, but its name may not survive a
-                # crash, so its item fails and the caller commits nothing that names it.
-                folders = sorted({os.path.join(self._dir, name[:2]) for _tmp, name in done.values()})
-                self._write_back(batch, folders, done, results)
-        finally:
-            for tmp, _name in pending.values():
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
+            try:
+                for i, data in enumerate(items):
+                    name = hashlib.sha256(data).hexdigest()
+                    wanted = expect[i] if expect else None
+                    if wanted is not None and name != wanted:
+                        results[i] = HashMismatch(f"content hashes to {name[:12]}, expected {wanted[:12]}")
+                    elif name in pending:
+                        pending[name][1].append(i)
+                    elif os.path.exists(os.path.join(self._dir, name[:2], name[2:])):
+                        results[i] = name
+                    else:
+                        try:
+                            pending[name] = (self._write_temp(data), [i])
+                        except OSError as exc:
+                            results[i] = os_error(exc, "objects")
+                if pending:
+                    failpoint("blobs.after_temp")
+                    # Before the renames: if the write-back fails, nothing is renamed and
+                    # the finally below removes the temp files.
+                    if not self._write_back(batch, [tmp for tmp, _ in pending.values()], pending, results):
+                        return self._answers(results)
+                renamed: dict[str, tuple[str, list[int]]] = {}
+                for name, (tmp, indices) in list(pending.items()):
+                    try:
+                        self._rename(tmp, name)
+                        renamed[name] = pending.pop(name)
+                    except OSError as exc:
+                        for i in indices:
+                            results[i] = os_error(exc, "objects")
+                if renamed:
+                    failpoint("blobs.after_rename")
+                    # After them: each named blob is whole, but its name may not survive a
+                    # crash, so its items fail and the caller commits nothing that names them.
+                    folders = sorted({os.path.join(self._dir, name[:2]) for name in renamed})
+                    if self._write_back(batch, folders, renamed, results):
+                        for name, (_tmp, indices) in renamed.items():
+                            for i in indices:
+                                results[i] = name
+            finally:
+                for tmp, _ in pending.values():
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp)
+        return self._answers(results)
 
     @staticmethod
-    def _twins(results: list[str | SyncEngineError], twins: dict[int, int]) -> list[str | SyncEngineError]:
-        for i, first in twins.items():
-            results[i] = results[first]
-        return results
+    def _answers(results: list[str | SyncEngineError | None]) -> list[str | SyncEngineError]:
+        """Every item has its answer by now: a name or an error."""
+        assert None not in results
+        return cast("list[str | SyncEngineError]", results)
 
-    def _write_one(self, data: bytes, name: str, expect: str | None, pending: dict[int, tuple[str, str]],
-                   i: int) -> str | SyncEngineError:
-        """Write one item's temp file (no fsync: put_many makes the batch durable at once)."""
-        if expect is not None and name != expect:
-            return HashMismatch(f"content hashes to {name[:12]}, expected {expect[:12]}")
-        if os.path.exists(os.path.join(self._dir, name[:2], name[2:])):
-            return name
+    def _write_temp(self, data: bytes) -> str:
+        """One item's temp file (no fsync: put_many makes the batch durable at once)."""
         tmp = os.path.join(self._tmp, f"{secrets.token_hex(8)}.part")
         try:
             check_fault("store", tmp)  # tests: a full disk or a denied write in the blob store
@@ -174,12 +172,11 @@ class BlobStore:
                     view = view[os.write(fd, view):]
             finally:
                 os.close(fd)
-        except OSError as exc:
+        except OSError:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-            return os_error(exc, "objects")
-        pending[i] = (tmp, name)
-        return name
+            raise
+        return tmp
 
     def _rename(self, tmp: str, name: str) -> None:
         folder = os.path.join(self._dir, name[:2])
@@ -196,16 +193,17 @@ class BlobStore:
             os.makedirs(folder, exist_ok=True)  # the folder went since we made it
             os.replace(tmp, final)
 
-    def _write_back(self, batch: Batch, paths: list[str], items: dict[int, tuple[str, str]],
-                    results: list[str | SyncEngineError]) -> bool:
+    def _write_back(self, batch: Batch, paths: list[str], items: dict[str, tuple[str, list[int]]],
+                    results: list[str | SyncEngineError | None]) -> bool:
         """Make ``paths`` durable; if that fails, every one of ``items`` fails (which is at fault is unknowable)."""
         try:
             check_fault("sync", self.dir)  # tests: a write-back that reports EIO or ENOSPC
             batch.sync(paths)
         except OSError as exc:
             error = os_error(exc, "objects")
-            for i in items:
-                results[i] = error
+            for _tmp, indices in items.values():
+                for i in indices:
+                    results[i] = error
             return False
         return True
 
