@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import click
 
 from cli.main import Context
-from cli.render import emit, human_size, json_option, short_hash
+from cli.render import emit, escape, human_size, json_option, short_hash
 from cli.workspace_cmds import open_workspace
 from syncengine.models import DocDiff, LogEntry, RestoreReport, SnapshotInfo
 
@@ -31,7 +31,6 @@ def log(ctx: Context, path: str | None, limit: int, as_json: bool) -> None:
 
 
 def _render_log(out: Console, entries: list[LogEntry]) -> None:
-    from rich.markup import escape
     from rich.table import Table
 
     if not entries:
@@ -67,7 +66,6 @@ def diff(ctx: Context, path: str | None, since: str | None, as_json: bool) -> No
 
 
 def _render_diff(out: Console, diffs: list[DocDiff]) -> None:
-    from rich.markup import escape
 
     if not diffs:
         out.print("No differences.")
@@ -122,7 +120,6 @@ def snapshots(ctx: Context, limit: int | None, as_json: bool) -> None:
 
 
 def _render_snapshots(out: Console, infos: list[SnapshotInfo]) -> None:
-    from rich.markup import escape
     from rich.table import Table
 
     if not infos:

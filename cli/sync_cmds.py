@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import click
 
 from cli.main import Context
-from cli.render import emit, json_option
+from cli.render import emit, escape, json_option
 from cli.workspace_cmds import open_workspace
 from syncengine.conflicts import STRATEGIES
 from syncengine.models import SyncReport
@@ -75,7 +75,6 @@ class _progress:
 
 
 def _render_sync(out: Console, r: SyncReport) -> None:
-    from rich.markup import escape
 
     if r.dry_run:
         if not r.plan:

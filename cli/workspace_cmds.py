@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import click
 
 from cli.main import Context
-from cli.render import emit, json_option
+from cli.render import emit, escape, json_option
 from syncengine import Workspace
 from syncengine.models import Status
 
@@ -40,7 +40,6 @@ def init(ctx: Context, path: Path, server: str | None, name: str | None, token_f
 
 
 def _render_init(out: Console, report) -> None:
-    from rich.markup import escape
 
     if report.created:
         out.print(f"Initialised workspace [bold]{escape(report.root)}[/] with {report.files} file(s).")
@@ -62,7 +61,6 @@ def status(ctx: Context, as_json: bool) -> int:
 
 
 def _render_status(out: Console, st: Status) -> None:
-    from rich.markup import escape
 
     out.print(f"Workspace [bold]{escape(st.root)}[/]: {st.files} file(s)")
     p = st.pending
@@ -127,7 +125,6 @@ def repair(ctx: Context, as_json: bool) -> None:
 
 
 def _render_repair(out: Console, report) -> None:
-    from rich.markup import escape
 
     if report.integrity == "ok":
         out.print(f"The journal is healthy ({report.files} file(s)); nothing to repair.")

@@ -7,6 +7,8 @@ subprocess and look at the modules it ended with, never at a time.
 
 from __future__ import annotations
 
+import io
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,13 +33,19 @@ run()
 """
 
 
-def imported_by(tmp_path: Path, *args: str | Path) -> tuple[int, set[str]]:
+def imported_by(tmp_path: Path, *args: str | Path, **env: str) -> tuple[int, set[str]]:
     """Run `syncengine ARGS` in a fresh process; its exit code and every module it had loaded at exit."""
+    code, modules, _stdout = run_probe(tmp_path, *args, **env)
+    return code, modules
+
+
+def run_probe(tmp_path: Path, *args: str | Path, **env: str) -> tuple[int, set[str], str]:
+    """`syncengine ARGS` with stdout on a pipe: exit code, modules loaded at exit, and what it printed."""
     out = tmp_path / "modules.txt"
     proc = subprocess.run([sys.executable, "-c", _PROBE, str(out), *map(str, args)], capture_output=True,
-                          text=True, env=cli_env(), cwd=REPO, timeout=120)
+                          text=True, env=cli_env(**env), cwd=REPO, timeout=120)
     assert out.exists(), proc.stderr
-    return proc.returncode, set(out.read_text().split())
+    return proc.returncode, set(out.read_text().split()), proc.stdout
 
 
 def _tops(modules: set[str]) -> set[str]:
@@ -71,7 +79,46 @@ def test_status_and_sync_json_import_only_their_own_stack(tmp_path: Path, kit):
     assert "syncengine.remote" not in modules and "syncengine.merge" not in modules
 
 
-def test_a_human_status_still_renders_with_rich(tmp_path: Path, sample_ws):
-    """Without --json the renderer loads rich when it prints, and only then."""
-    code, modules = imported_by(tmp_path, "-C", sample_ws.root, "status")
+def test_a_human_status_on_a_pipe_prints_plain_text_without_rich(tmp_path: Path, sample_ws):
+    """On a pipe a person's output is plain text, written without rich (~45 ms of imports); what rich would
+    print for the same lines on a pipe, and rich itself once something asks for a terminal (TTY_COMPATIBLE)."""
+    code, modules, plain = run_probe(tmp_path, "-C", sample_ws.root, "status", TTY_COMPATIBLE="")
+    assert code == 0 and "rich" not in _tops(modules)
+    assert plain.startswith(f"Workspace {sample_ws.root}: ") and "Pending sync: 28 created" in plain
+
+    code, modules, styled = run_probe(tmp_path, "-C", sample_ws.root, "status", TTY_COMPATIBLE="1")
     assert code == 0 and "rich.console" in modules
+    assert "\x1b[" in styled and _strip_ansi(styled) == plain
+
+
+def test_a_table_on_a_pipe_still_renders_with_rich(tmp_path: Path, sample_ws):
+    """A renderable that is not one line of text (`log`'s table) loads rich when it prints, and only then."""
+    code, modules, out = run_probe(tmp_path, "-C", sample_ws.root, "log", TTY_COMPATIBLE="")
+    assert code == 0 and "rich.table" in modules and out
+
+
+_MARKUP = ["plain", "a [bold]b[/] c", "[yellow]! x: y[/]", "p[1].json", "odd \\[bold] literal", "ends\\",
+           "ends\\\\", "x \\\\[bold]y[/]", "[dim](detail)[/]", "tab\there", "bell\x07cr\r", "[#ff0000]red[/]",
+           "a [b c]", "[bold red]x[/bold red] [link=http://a]l[/link]", "  lead", "trail  ", "ünï 中文", "[[x]]",
+           "a ]b[ c", "x\ny"]
+
+
+@pytest.mark.parametrize("text", _MARKUP)
+def test_plain_console_prints_what_rich_prints_on_a_pipe(text: str, capsys):
+    """PlainConsole and escape() follow rich's markup rules: the same bytes as rich's Console on a pipe."""
+    from rich.console import Console
+    from rich.markup import escape as rich_escape
+
+    from cli.render import PlainConsole, escape
+
+    assert escape(text) == rich_escape(text)
+    for markup in (text, escape(text), f"[bold]{escape(text)}[/]"):
+        for as_markup in (True, False):
+            rich_out = io.StringIO()
+            Console(file=rich_out, highlight=False, soft_wrap=True, width=200).print(markup, markup=as_markup)
+            PlainConsole().print(markup, markup=as_markup)
+            assert capsys.readouterr().out == rich_out.getvalue(), markup
+
+
+def _strip_ansi(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
