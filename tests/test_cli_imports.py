@@ -17,8 +17,8 @@ import pytest
 
 from tests.helpers import REPO, cli_env
 
-# The server's, the daemon's, the terminal's and the config writer's stacks.
-NEVER_FOR_A_CLIENT = ("fastapi", "uvicorn", "starlette", "watchdog", "websockets", "deepdiff", "ruamel",
+# The server's (its PostgreSQL driver included), the daemon's, the terminal's and the config writer's stacks.
+NEVER_FOR_A_CLIENT = ("fastapi", "uvicorn", "starlette", "psycopg2", "watchdog", "websockets", "deepdiff", "ruamel",
                       "rich", "tomlkit")
 COMMAND_MODULES = ("cli.workspace_cmds", "cli.sync_cmds", "cli.history", "cli.conflict_cmds", "cli.server_cmds",
                    "cli.daemon_cmds")
@@ -71,6 +71,7 @@ def test_status_and_sync_json_import_only_their_own_stack(tmp_path: Path, kit):
     assert not _tops(modules) & set(NEVER_FOR_A_CLIENT), sorted(_tops(modules) & set(NEVER_FOR_A_CLIENT))
     assert set(COMMAND_MODULES) & modules == {"cli.sync_cmds", "cli.workspace_cmds"}
     assert "syncengine.server" not in modules and "syncengine.daemon" not in modules
+    assert "pathspec" not in _tops(modules)  # neither .syncignore nor .syncrules
 
     code, modules = imported_by(tmp_path, "-C", replica.root, "status", "--json")
     assert code == 0

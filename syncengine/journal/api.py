@@ -19,9 +19,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-import peewee as pw
-
 from syncengine.journal.db import integrity_ok, migrate, open_sqlite, translate
+from syncengine.journal.orm import pw
 from syncengine.journal.tables import make_models
 from syncengine.models import LocalChange, Op
 

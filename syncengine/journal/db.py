@@ -7,9 +7,8 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import peewee as pw
-
 from syncengine.errors import BusyError, FileSystemError, JournalDamaged, SyncEngineError
+from syncengine.journal.orm import pw
 
 Migration = Callable[[pw.Database], None]
 

@@ -14,9 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import peewee as pw
-
 from syncengine.journal.db import migrate, open_sqlite, translate
+from syncengine.journal.orm import pw
 from syncengine.journal.tables import make_event_models
 
 KEEP_EVENTS = 20_000  # pruned beyond this many, oldest first

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import peewee as pw
+from syncengine.journal.orm import pw
 
 
 def make_models(db: pw.Database) -> SimpleNamespace:

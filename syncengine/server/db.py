@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,6 +42,7 @@ def open_database(db_url: str | None, data_dir: Path | None) -> pw.Database:
     if db_url:
         parts = urlsplit(db_url)
         if parts.scheme in ("postgres", "postgresql"):
+            attach_psycopg2()
             db = PooledPostgresqlDatabase(
                 None, max_connections=32, stale_timeout=300, timeout=30, autoconnect=False
             )
@@ -57,6 +59,34 @@ def open_database(db_url: str | None, data_dir: Path | None) -> pw.Database:
     except OSError as exc:
         raise UsageError(f"cannot create the data folder {folder}: {exc.strerror}") from exc
     return _sqlite(folder / DB_FILE)
+
+
+_attach_lock = threading.Lock()
+
+
+def attach_psycopg2() -> None:
+    """Give peewee the psycopg2 driver, if the client's journal imported it without (syncengine/journal/orm.py).
+
+    The same as peewee's own ``try: import psycopg2`` at import: its module
+    globals and the transaction states its adapter reads (peewee 4.5's
+    source). Idempotent; a no-op when peewee was imported the plain way.
+    """
+    with _attach_lock:
+        if pw.psycopg2 is not None:
+            return
+        import psycopg2
+        from psycopg2 import extensions, extras
+
+        extras.register_uuid()
+        pw.psycopg2 = psycopg2
+        pw.pg_extensions = extensions
+        pw.pg_register_uuid = extras.register_uuid
+        pw.Json_pg2 = extras.Json
+        adapter = getattr(pw, "Psycopg2Adapter", None)
+        if adapter is not None:  # older peewee read the globals in the database class itself
+            adapter.txn_idle = extensions.TRANSACTION_STATUS_IDLE
+            adapter.txn_inerror = extensions.TRANSACTION_STATUS_INERROR
+            adapter.txn_unknown = extensions.TRANSACTION_STATUS_UNKNOWN
 
 
 def _ensure_wal(path: Path, timeout: float = 30.0) -> None:
