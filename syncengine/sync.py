@@ -151,6 +151,7 @@ def _round(ws: Workspace, remote: Remote, strategy_for, pct: float, force: bool,
     journal = ws.journal
     cfg = ws.config
     client_id = journal.client_id
+    writes = journal.writes
     _check_root(ws)
     leftovers.recover(ws.root)
     scan = ws.scan(progress=(lambda n, t: progress("hash", n, t)) if progress else None)
@@ -202,7 +203,8 @@ def _round(ws: Workspace, remote: Remote, strategy_for, pct: float, force: bool,
             failpoint("sync.after_repull")
             entries += again.entries
     failpoint("sync.before_state")
-    journal.update_state(last_sync_at=time.time_ns(), last_sync_ok=True, last_error=None, unreachable_since=None)
+    # A round that wrote nothing ends without writing either (no fsync): see Journal.record_sync_ok.
+    journal.record_sync_ok(time.time_ns(), quiet=journal.writes == writes)
     applied = ctx.result
     problems += applied.problems
     return SyncReport(

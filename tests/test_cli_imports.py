@@ -8,9 +8,11 @@ subprocess and look at the modules it ended with, never at a time.
 from __future__ import annotations
 
 import io
+import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -123,3 +125,45 @@ def test_plain_console_prints_what_rich_prints_on_a_pipe(text: str, capsys):
 
 def _strip_ansi(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def _state_files(root: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Every file under .syncengine with its size, mtime and bytes (the locks and the quiet-round marker aside)."""
+    state = root / ".syncengine"
+    return {str(p.relative_to(state)): (p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(state.rglob("*")) if p.is_file()
+            and p.name not in ("sync.lock", "scan.lock", "journal.db-quiet-sync")}
+
+
+@pytest.mark.integration
+def test_a_no_op_sync_writes_nothing_durable_and_still_records_its_time(tmp_path: Path, kit):
+    """A real `sync` process that finds nothing to do leaves the journal, its checkpoint and the blob store
+    byte for byte as they were (no transaction, so no fsync); `status` still shows the newer sync time. A
+    round that changes something records its time in the journal itself, as before."""
+    replica = kit.replica({"a.json": '{"x": 1}\n', "notes/b.md": "# b\n"})
+    hour_ago = time.time_ns() - 3600 * 10**9
+    for path in replica.tree():  # files written long before: no racy stamps to hash again next round
+        os.utime(replica.root / path, ns=(hour_ago, hour_ago))
+    assert replica.proc("sync").code == 0
+    assert replica.proc("sync").code == 0  # settles whatever the first round left (restamps, echoes)
+    stored = replica.rows("SELECT last_seq, last_sync_at FROM sync_state")
+    before = _state_files(replica.root)
+    assert not any(name.endswith("-wal") for name in before)
+
+    code, _modules, out = run_probe(tmp_path, "-C", replica.root, "sync")
+    assert code == 0 and "nothing to do" in out
+    assert _state_files(replica.root) == before
+    assert replica.rows("SELECT last_seq, last_sync_at FROM sync_state") == stored
+    shown = replica.status().sync.last_sync_at
+    assert shown is not None and shown >= _iso(stored[0][1])
+
+    replica.write("a.json", '{"x": 2}\n')
+    assert replica.proc("sync").code == 0
+    (last_seq, last_sync_at), = replica.rows("SELECT last_seq, last_sync_at FROM sync_state")
+    assert last_seq > stored[0][0] and last_sync_at > stored[0][1]
+
+
+def _iso(ns: int) -> str:
+    from syncengine.history import iso
+
+    return iso(ns)

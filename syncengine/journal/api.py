@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import threading
 import time
 import uuid
@@ -94,6 +95,9 @@ class Journal:
         self.db = db
         self.m = make_models(db)
         self._write_lock = threading.RLock()
+        # Write transactions that changed a row, in this process: a sync round
+        # compares it before and after to know it wrote nothing.
+        self.writes = 0
 
     @classmethod
     def open(cls, path: Path) -> Journal:
@@ -123,6 +127,7 @@ class Journal:
                 try:
                     self_inner.tx = journal.db.atomic("IMMEDIATE")
                     self_inner.tx.__enter__()
+                    self_inner.changes = journal.db.connection().total_changes
                 except BaseException:
                     journal._write_lock.release()
                     raise
@@ -131,7 +136,10 @@ class Journal:
             def __exit__(self_inner, *exc):
                 try:
                     with translate(journal.path):
-                        return self_inner.tx.__exit__(*exc)
+                        result = self_inner.tx.__exit__(*exc)
+                    if journal.db.connection().total_changes != self_inner.changes:
+                        journal.writes += 1
+                    return result
                 finally:
                     journal._write_lock.release()
 
@@ -148,14 +156,58 @@ class Journal:
 
     @_translated
     def state(self) -> dict[str, Any]:
+        state = self._stored_state()
+        if state["last_sync_at"] is not None:
+            with contextlib.suppress(OSError):
+                state["last_sync_at"] = max(state["last_sync_at"], os.stat(self.quiet_sync_marker).st_mtime_ns)
+        return state
+
+    def _stored_state(self) -> dict[str, Any]:
         S = self.m.SyncState
         return S.select().where(S.id == 1).dicts().get()
 
+    @property
+    def quiet_sync_marker(self) -> Path:
+        """A file whose mtime is the time of the last successful round that changed nothing (see record_sync_ok)."""
+        return self.path.with_name(self.path.name + "-quiet-sync")
+
+    def record_sync_ok(self, at: int, *, quiet: bool) -> None:
+        """A round succeeded at ``at``: in sync_state, or for a quiet round only by touching a marker.
+
+        A round that wrote nothing (``quiet``) and finds the state already
+        saying "last sync ok, no error" sets the marker's mtime instead of
+        writing the journal: a no-op sync then writes and fsyncs nothing.
+        The marker is not made durable: after a crash ``state()`` may show an
+        earlier successful round, never a later one. It counts only once
+        the journal itself records a successful sync (a rebuilt journal
+        starts from "never").
+        """
+        ok = {"last_sync_ok": True, "last_error": None, "unreachable_since": None}
+        if quiet:
+            state = self.state()
+            if state["last_sync_at"] is not None and all(state[k] == v for k, v in ok.items()):
+                marker = self.quiet_sync_marker
+                try:
+                    os.utime(marker, ns=(at, at))
+                    return
+                except FileNotFoundError:
+                    with contextlib.suppress(OSError):
+                        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+                        os.utime(marker, ns=(at, at))
+                        return
+                except OSError:
+                    pass
+        self.update_state(last_sync_at=at, **ok)
+
     @_translated
     def update_state(self, **values: Any) -> None:
+        """Set sync_state columns; values it already holds are not written (a no-op round writes nothing)."""
         S = self.m.SyncState
         with self.writing():
-            S.update(**values).where(S.id == 1).execute()
+            current = self._stored_state()
+            changed = {k: v for k, v in values.items() if current[k] != v}
+            if changed:
+                S.update(**changed).where(S.id == 1).execute()
 
     @property
     def client_id(self) -> str:
@@ -556,6 +608,15 @@ class Journal:
         ``renames`` give a local document the id the server knows it by.
         """
         D, C, K, S = self.m.Document, self.m.Change, self.m.Conflict, self.m.SyncState
+        updates, inserts, renames, deletes, changes, conflicts = (
+            list(items) for items in (updates, inserts, renames, deletes, changes, conflicts))
+        if state and not (updates or inserts or renames or deletes or changes or conflicts):
+            # A pull that found nothing new hands back the checkpoint it had: no transaction, nothing written.
+            with translate(self.path):
+                current = self._stored_state()
+            state = {k: v for k, v in state.items() if current[k] != v}
+        if not (state or updates or inserts or renames or deletes or changes or conflicts):
+            return
         with self.writing():
             for old, new in renames:
                 D.update(doc_id=new).where(D.doc_id == old).execute()
