@@ -1,7 +1,7 @@
 """Talking to the sync server: the :class:`Remote` interface and :class:`HttpRemote`.
 
 Everything the engine asks of a server goes through :class:`Remote`; the
-only implementation is :class:`HttpRemote` (one ``requests.Session``), and
+only implementation is :class:`HttpRemote` (a ``requests.Session`` per thread), and
 tests run it against the real server. This is the one module that knows
 ``requests``: its exceptions are turned into ours here, once::
 
@@ -37,6 +37,7 @@ import random
 import re
 import secrets
 import tempfile
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -232,6 +233,9 @@ class Remote(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional for implementations
         """Release connections."""
 
+    def release_thread(self) -> None:  # noqa: B027 - optional for implementations
+        """Release the calling thread's connection: a worker thread is done with this remote."""
+
     def __enter__(self: T) -> T:
         return self
 
@@ -398,27 +402,56 @@ class HttpRemote(Remote):
         self.chunk_index = chunk_index
         self.chunk_stats = chunked.ChunkStats()
         self._base = f"{self.url}{p.API_PREFIX}/ws/{quote(workspace, safe='')}"
-        self._session = requests.Session()
-        self._session.auth = _Bearer(token)
+        self._auth = _Bearer(token)
         # Passed with every request: requests lets REQUESTS_CA_BUNDLE override Session.verify.
         self._verify: str | bool = str(ca_file) if ca_file else True
-        self._session.verify = self._verify
-        self._session.headers.update(
-            {
-                p.PROTOCOL_HEADER: str(p.PROTOCOL_VERSION),
-                "User-Agent": _USER_AGENT,
-                "Accept-Encoding": "gzip",
-            }
-        )
-        adapter = requests.adapters.HTTPAdapter(pool_connections=2, pool_maxsize=8, max_retries=0)
-        self._session.mount("http://", adapter)
-        self._session.mount("https://", adapter)
+        # One session (one connection) per thread: a push uploads the next blobs on a
+        # thread of its own while it commits, and a requests.Session is not thread-safe.
+        self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._sessions_lock = threading.Lock()
+
+    @property
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            session.auth = self._auth
+            session.verify = self._verify
+            session.headers.update(
+                {
+                    p.PROTOCOL_HEADER: str(p.PROTOCOL_VERSION),
+                    "User-Agent": _USER_AGENT,
+                    "Accept-Encoding": "gzip",
+                }
+            )
+            adapter = requests.adapters.HTTPAdapter(pool_connections=2, pool_maxsize=8, max_retries=0)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            with self._sessions_lock:
+                self._sessions.append(session)
+            self._local.session = session
+        return session
 
     def __repr__(self) -> str:
         return f"HttpRemote({self.url!r}, {self.workspace!r})"
 
     def close(self) -> None:
-        self._session.close()
+        with self._sessions_lock:
+            sessions, self._sessions = self._sessions, []
+        for session in sessions:
+            session.close()
+        self._local = threading.local()
+
+    def release_thread(self) -> None:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            return
+        self._local.session = None
+        with self._sessions_lock:
+            if session in self._sessions:
+                self._sessions.remove(session)
+        session.close()
 
     # ------------------------------------------------------------ the one request loop
 
