@@ -121,8 +121,12 @@ def _sqlite(path: Path) -> pw.Database:
         timeout=30,
         autoconnect=False,
         check_same_thread=False,
+        # FULL: in WAL mode each commit is fsynced before it returns, so a
+        # commit the server has answered survives a power cut. NORMAL syncs only
+        # at checkpoints and may lose the last answered commits, which clients
+        # have already recorded as pushed.
         pragmas={
-            "synchronous": "NORMAL",
+            "synchronous": "FULL",
             "foreign_keys": 1,
             "busy_timeout": 30_000,
         },

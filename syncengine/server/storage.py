@@ -171,7 +171,8 @@ class _CommitState:
         _executemany(db, m.Op, ["workspace", "op_id", "result", "created_ns"], self.op_rows)
 
 
-def _chunks(items: list, size: int = 500) -> Iterable[list]:
+def _chunks(items: list, size: int = 1000) -> Iterable[list]:
+    """Runs of at most ``size``: one query per request of MAX_HASHES (SQLite >= 3.32 takes 32766 variables)."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
@@ -182,7 +183,7 @@ def _rows_in(db: Any, template: str, head: list, values: list) -> list[tuple]:
     Raw SQL (``{q}`` is the driver's placeholder) rather than a peewee query:
     peewee renders a query node by node and builds each row through field
     converters, which cost more than SQLite's own work for the IN lists of
-    the hot paths (commit, missing, pack). Runs in chunks of 500 values.
+    the hot paths (commit, missing, pack).
     """
     q = db.param
     cursor = db.cursor()
@@ -500,7 +501,8 @@ class Storage:
         B, K = self.m.Blob, self.m.BlobChunk
         now = time.time_ns()
         with self._write():
-            have = {h for (h,) in _rows_in(self.db, _BLOB_HASHES, [ws_id], [b[0] for b in blobs])}
+            wanted = list(dict.fromkeys(b[0] for b in blobs))
+            have = {h for (h,) in _rows_in(self.db, _BLOB_HASHES, [ws_id], wanted)}
             fresh: dict[str, tuple[str, int, bool, bytes]] = {}
             for blob in blobs:
                 if blob[0] not in have and blob[0] not in fresh:

@@ -1,0 +1,106 @@
+"""What the server's SQLite storage costs per request: durable commits, and queries per batch, not per item.
+
+A first sync sends hundreds of requests of 100-1000 items; a query per item
+made each one cost milliseconds of server CPU. These tests count the SQL
+statements SQLite runs (its trace callback), so a per-item query creeping
+back into missing, pack or commit fails here rather than in a benchmark.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from syncengine import protocol as p
+from syncengine.server.storage import Storage, compress_chunk
+
+
+@pytest.fixture
+def traced(tmp_path: Path) -> Iterator[tuple[Storage, list[str]]]:
+    """A SQLite storage whose connections report every statement they run into a list."""
+    storage = Storage(data_dir=tmp_path / "srv")
+    storage.db.close_all()  # connections opened by the migration are untraced
+    statements: list[str] = []
+    connect = storage.db._connect
+
+    def traced_connect(*args, **kwargs):
+        conn = connect(*args, **kwargs)
+        conn.set_trace_callback(statements.append)
+        return conn
+
+    storage.db._connect = traced_connect
+    yield storage, statements
+    storage.close()
+
+
+def _selects(statements: list[str]) -> list[str]:
+    return [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+
+
+def _blobs(n: int, tag: str = "") -> list[tuple[str, bytes]]:
+    out = []
+    for i in range(n):
+        data = f'{{"doc": {i}, "tag": "{tag}", "text": "{"words " * (i % 50)}"}}'.encode()
+        out.append((hashlib.sha256(data).hexdigest(), data))
+    return out
+
+
+def _store(storage: Storage, ws: int, blobs: list[tuple[str, bytes]]) -> None:
+    storage.put_prepared_blobs(ws, [(h, len(d), *compress_chunk(d)) for h, d in blobs])
+
+
+def test_sqlite_commits_are_fsynced_before_the_server_answers(traced):
+    """synchronous=FULL on every pooled connection: WAL with NORMAL may lose answered commits on power loss."""
+    storage, _ = traced
+    with storage.db.connection_context():
+        mode = storage.db.execute_sql("PRAGMA journal_mode").fetchone()[0]
+        sync = storage.db.execute_sql("PRAGMA synchronous").fetchone()[0]
+    assert mode.lower() == "wal" and sync == 2  # 2 = FULL
+
+
+def test_missing_asks_sqlite_once_for_a_thousand_hashes(traced):
+    storage, statements = traced
+    ws = storage.ensure_workspace("alpha")
+    blobs = _blobs(1000)
+    _store(storage, ws, blobs[:400])
+    statements.clear()
+    missing = storage.missing(ws, [h for h, _ in blobs])
+    assert missing == [h for h, _ in blobs[400:]]
+    assert len(_selects(statements)) == 1
+
+
+def test_a_pack_of_a_thousand_blobs_reads_in_a_few_queries_and_stores_each_blob_once(traced):
+    storage, statements = traced
+    ws = storage.ensure_workspace("alpha")
+    blobs = _blobs(1000)
+    _store(storage, ws, blobs[:10])
+    statements.clear()
+    _store(storage, ws, blobs + blobs[:5])  # some known, some twice in the pack
+    assert len(_selects(statements)) == 2  # which are known, then the ids of the new ones
+    inserts = [s for s in statements if s.lstrip().upper().startswith("INSERT")]
+    assert len(inserts) == 2 * 990  # one blob row and one chunk row per new blob
+    infos = storage.blob_infos(ws, [h for h, _ in blobs])
+    data = storage.small_blob_data(list(infos.values()))
+    assert {h: data[i.pk] for h, i in infos.items()} == dict(blobs)
+
+
+def test_a_commit_of_100_items_runs_a_fixed_number_of_selects(traced):
+    """Op ids, documents, path owners and blob sizes: one query each for the whole batch."""
+    storage, statements = traced
+    ws = storage.ensure_workspace("alpha")
+    blobs = _blobs(200)
+    _store(storage, ws, blobs)
+    first = [p.CommitItem.make("c1", f"d{i}", f"a/{i}.json", None, h) for i, (h, _) in enumerate(blobs[:100])]
+    storage.commit(ws, "c1", first)
+    statements.clear()
+    edits = [p.CommitItem.make("c1", f"d{i}", f"a/{i}.json", i + 1, blobs[100 + i][0]) for i in range(100)]
+    outcome = storage.commit(ws, "c1", edits)
+    assert outcome.applied == 100 and [r["rev"] for r in outcome.results] == list(range(101, 201))
+    assert len(_selects(statements)) <= 5  # last_seq, ops, docs by id, docs by path, blob sizes
+    statements.clear()
+    replay = storage.commit(ws, "c1", edits)
+    assert replay.applied == 0 and replay.results == outcome.results
+    assert len(_selects(statements)) <= 5
