@@ -1,10 +1,17 @@
 """Pushing: send local changes in batches, with their base revs, and record the answers.
 
-Per batch of at most 100 changes: one ``missing`` call, one pack upload of
-the blobs the server lacks (large files streamed one by one), one commit.
-A request costs O(changes / batch), never one per file. Every item's op id
-is derived from the change itself, so a retry after a crash is the same op
-and the server answers it as it did the first time.
+The blobs go up in waves of up to 1,000 documents (ten commit batches; a
+large push starts with one batch and doubles): one ``missing`` call, packs
+of the blobs the server lacks (large files streamed one by one), and the
+wave's bases kept locally. A thread runs the waves ahead of the commits, so
+the server stores the next wave's blobs while this one is committed; every
+blob is up before the commit that names it (DESIGN §4). Commits carry at
+most 100 changes each, one in flight at a time, and a batch's answers are
+recorded while the server works on the next one. A push costs
+O(changes / 100) commits and O(changes / 1,000) other requests, never one
+per file. Every item's op id is derived from the change itself, so a retry
+after a crash is the same op and the server answers it as it did the first
+time.
 
 Answers: ``ok`` moves base and remote to the committed rev. ``conflict``
 records the occupant as the remote state, so the next pass of the round
@@ -13,7 +20,9 @@ resolves on top of it (only the refused replica resolves — no ping-pong).
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,6 +40,9 @@ from syncengine.pull import remote_mode
 from syncengine.remote import BlobSource, Remote
 
 SMALL = 1 << 20
+WAVE_ROWS = p.MAX_HASHES  # documents whose blobs go up together: one missing call
+WAVE_BYTES = 16 << 20  # small files' bytes held by one wave
+AHEAD = 2  # waves whose blobs may be on their way ahead of the commits
 
 
 @dataclass
@@ -75,15 +87,15 @@ def _blob_source(root: Path, row: DocRow, blobs: BlobStore, keep: list[bytes] | 
 
 def _keep_bases(blobs: BlobStore, keep: dict[str, bytes],
                 pool: ThreadPoolExecutor | None) -> Callable[[], dict[str, Exception]]:
-    """Start storing the next bases of a batch; the returned wait() gives the hashes that failed, with why.
+    """Start storing the next bases of a wave; the returned wait() gives the hashes that failed, with why.
 
     A base must be durable before the journal points at it, and an fsync
     costs about a millisecond whatever the size: a batch stored one file
-    after another spent most of a first sync waiting on them. The batch goes
+    after another spent most of a first sync waiting on them. The wave goes
     to :meth:`BlobStore.put_many` (all written, made durable at once,
-    renamed), on a thread while the batch's blobs go up; all are done before
-    the batch is committed, so a base that could not be kept is never
-    committed, and one that failed fails alone.
+    renamed), on a thread while the wave's blobs go up; all are done before
+    any of its batches is committed, so a base that could not be kept is
+    never committed, and one that failed fails alone.
     """
     digests = list(keep)
 
@@ -99,6 +111,43 @@ def _keep_bases(blobs: BlobStore, keep: dict[str, bytes],
     return future.result
 
 
+@dataclass
+class _Sent:
+    """What a wave's blob side settled: the documents it made ready to commit, and what failed."""
+
+    ready: set[str] = field(default_factory=set)
+    uploaded: int = 0
+    problems: list[ScanProblem] = field(default_factory=list)
+
+
+def waves(rows: list[DocRow], batch: int, *, most: int = WAVE_ROWS,
+          most_bytes: int = WAVE_BYTES) -> list[list[list[DocRow]]]:
+    """The commit batches of a push, grouped into waves whose blobs go up together.
+
+    A wave is whole batches, at most ``most`` documents (one ``missing``
+    call) and about ``most_bytes`` of small files held in memory (a
+    batch's worth at least). A push of more than ``most`` starts with one
+    batch and doubles up to ``most``: its first commit waits only for its
+    own blobs, not for a thousand documents' worth, while a smaller push
+    stays one wave (one ``missing`` call, one pack).
+    """
+    out: list[list[list[DocRow]]] = []
+    rows_in = bytes_in = 0
+    limit = batch if len(rows) > most else most
+    for start in range(0, len(rows), batch):
+        chunk = rows[start:start + batch]
+        size = sum(min(row.size or 0, SMALL) for row in chunk if row.path is not None)
+        if not out or rows_in + len(chunk) > limit or (bytes_in and bytes_in + size > most_bytes):
+            if out:
+                limit = min(most, limit * 2)
+            out.append([])
+            rows_in = bytes_in = 0
+        out[-1].append(chunk)
+        rows_in += len(chunk)
+        bytes_in += size
+    return out
+
+
 def push(
     root: Path,
     journal: Journal,
@@ -110,28 +159,108 @@ def push(
     batch: int = p.MAX_COMMIT_ITEMS,
     progress: Any = None,
 ) -> Pushed:
+    """Send ``rows`` and record the answers; see the module docstring for the pipeline.
+
+    Errors of the blob side (the server unreachable, the token refused)
+    surface here as they are, when the batch that needed them is reached;
+    what was committed before stays recorded, the rest stays queued.
+    """
     result = Pushed()
     batch = max(1, min(batch, p.MAX_COMMIT_ITEMS))
-    with ThreadPoolExecutor(1, thread_name_prefix="push-bases") if len(rows) > 1 else _no_pool() as pool:
-        for start in range(0, len(rows), batch):
-            _push_batch(root, journal, blobs, remote, rows[start:start + batch], client_id, result, pool)
+    planned = waves(rows, batch)
+    if not planned:
+        return result
+    stop = threading.Event()
+    with contextlib.ExitStack() as stack:
+        ahead = bases = committer = None
+        if len(rows) > 1:
+            bases = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="push-bases"))
+        if len(planned) > 1:
+            ahead = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="push-blobs"))
+            stack.callback(ahead.submit, remote.release_thread)  # its connection goes with it
+        if len(rows) > batch:
+            committer = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="push-commit"))
+            stack.callback(committer.submit, remote.release_thread)
+        stack.callback(stop.set)  # runs first on the way out: a worker still ahead gives up
+
+        def send(wave: list[list[DocRow]]) -> Callable[[], _Sent]:
+            rows_of = [row for chunk in wave for row in chunk]
+            if ahead is None:
+                return lambda: _send_blobs(root, blobs, remote, rows_of, bases, stop)
+            return ahead.submit(_send_blobs, root, blobs, remote, rows_of, bases, stop).result
+
+        def ready_batches() -> Iterator[tuple[list[DocRow], int]]:
+            """Each batch, once its wave's blobs are up: the documents to commit, and the batch's size."""
+            queue = collections.deque(send(wave) for wave in planned[:AHEAD])
+            for index, wave in enumerate(planned):
+                sent = queue.popleft()()
+                if index + AHEAD < len(planned):
+                    queue.append(send(planned[index + AHEAD]))
+                result.uploaded += sent.uploaded
+                result.problems += sent.problems
+                for chunk in wave:
+                    yield [row for row in chunk if row.doc_id in sent.ready], len(chunk)
+
+        done = 0
+        last_seq = journal.state().get("last_seq")  # only this push moves it until it returns
+        answered: tuple[list[DocRow], list[p.CommitItem], list[p.CommitResult], int] | None = None
+
+        def record() -> None:
+            nonlocal answered, done, last_seq
+            if answered is None:
+                return
+            (ready, items, answers, size), answered = answered, None
+            if items:
+                last_seq = _record(root, journal, ready, items, answers, result, client_id, last_seq)
+            failpoint("push.after_record")
+            done += size
             if progress:
-                progress(min(start + batch, len(rows)), len(rows))
+                progress(done, len(rows))
+
+        try:
+            for ready, size in ready_batches():
+                failpoint("push.before_commit")
+                items = [commit_item(row, client_id) for row in ready]
+                if not items:
+                    answers: Callable[[], list[p.CommitResult]] = list
+                elif committer is None:
+                    answers = (lambda now: lambda: now)(remote.commit(items))
+                else:
+                    answers = committer.submit(remote.commit, items).result
+                # The previous batch is recorded while the server works on this one.
+                record()
+                answered = (ready, items, answers(), size)
+                failpoint("push.after_commit")
+            record()
+        finally:
+            record()  # answers already received are kept whatever stopped the push
     return result
 
 
-@contextlib.contextmanager
-def _no_pool() -> Iterator[None]:
-    yield None
+def _send_blobs(root: Path, blobs: BlobStore, remote: Remote, rows: list[DocRow],
+                pool: ThreadPoolExecutor | None, stop: threading.Event) -> _Sent:
+    try:
+        return _send_wave(root, blobs, remote, rows, pool, stop)
+    except BaseException:
+        stop.set()  # the waves queued behind this one give up at once: the push stops here
+        raise
 
 
-def _push_batch(root: Path, journal: Journal, blobs: BlobStore, remote: Remote, chunk: list[DocRow],
-                client_id: str, result: Pushed, pool: ThreadPoolExecutor | None) -> None:
-    """One batch: read and check the files, keep their bases, upload, commit, record."""
+def _send_wave(root: Path, blobs: BlobStore, remote: Remote, rows: list[DocRow],
+               pool: ThreadPoolExecutor | None, stop: threading.Event) -> _Sent:
+    """A wave's blob side: read and check the files, keep their bases, upload what the server lacks.
+
+    Runs ahead of the commits on its own thread (and its own connection),
+    so the server stores the next wave's blobs while this one is committed;
+    every blob is up before the commit that names it (DESIGN §4).
+    """
+    sent = _Sent()
     sources: dict[str, BlobSource] = {}
-    ready: list[DocRow] = []
     keep: dict[str, bytes] = {}
-    for row in chunk:
+    ready: list[DocRow] = []
+    for row in rows:
+        if stop.is_set():
+            return sent
         try:
             if row.path is not None and row.hash not in sources:
                 kept: list[bytes] = []
@@ -140,40 +269,37 @@ def _push_batch(root: Path, journal: Journal, blobs: BlobStore, remote: Remote, 
                     keep[row.hash] = kept[0]
             ready.append(row)
         except (ChangedUnderfoot, FileSystemError, OSError) as exc:
-            result.problems.append(ScanProblem(row.path or "?", getattr(exc, "message", str(exc))))
-    kept = _keep_bases(blobs, keep, pool)
+            sent.problems.append(ScanProblem(row.path or "?", getattr(exc, "message", str(exc))))
+    kept_all = _keep_bases(blobs, keep, pool)
     try:
-        if sources:
+        if sources and not stop.is_set():
             # upload() asks the server which blobs it lacks and sends only those, in packs.
             # A blob whose base is not kept may go up too: unreferenced, it is harmless.
             report = remote.upload(list(sources.values()))
-            result.uploaded += len(report.uploaded)
+            sent.uploaded += len(report.uploaded)
             failed = {failure.hash for failure in report.failed}
             paths = {row.hash: row.path for row in ready if row.path}
             for failure in report.failed:
                 where = paths.get(failure.hash) or failure.hash[:12]
-                result.problems.append(ScanProblem(where, f"upload failed: {failure.reason}"))
+                sent.problems.append(ScanProblem(where, f"upload failed: {failure.reason}"))
             ready = [row for row in ready if row.hash not in failed or row.path is None]
     finally:
-        unkept = kept()  # never leave a store running behind an error
+        unkept = kept_all()  # never leave a store running behind an error
     if unkept:
         for row in ready:
             if row.path is not None and row.hash in unkept:
                 exc = unkept[row.hash]
-                result.problems.append(ScanProblem(row.path, getattr(exc, "message", str(exc))))
+                sent.problems.append(ScanProblem(row.path, getattr(exc, "message", str(exc))))
         ready = [row for row in ready if row.path is None or row.hash not in unkept]
     if sources:
         failpoint("push.after_upload")
-    failpoint("push.before_commit")
-    items = [commit_item(row, client_id) for row in ready]
-    answers = remote.commit(items) if items else []
-    failpoint("push.after_commit")
-    _record(root, journal, ready, items, answers, result, client_id)
-    failpoint("push.after_record")
+    sent.ready = {row.doc_id for row in ready}
+    return sent
 
 
 def _record(root: Path, journal: Journal, rows: list[DocRow], items: list[p.CommitItem],
-            answers: list[p.CommitResult], result: Pushed, client_id: str) -> None:
+            answers: list[p.CommitResult], result: Pushed, client_id: str, last_seq: int | None) -> int | None:
+    """Journal a batch's answers in one transaction; returns the checkpoint (``last_seq``) after it."""
     updates: list[tuple[str, dict[str, Any]]] = []
     inserts: list[dict[str, Any]] = []
     renames: list[tuple[str, str]] = []
@@ -231,11 +357,17 @@ def _record(root: Path, journal: Journal, rows: list[DocRow], items: list[p.Comm
                                   "local_hash": row.hash, "remote_hash": current.hash, "base_hash": row.base_hash,
                                   "remote_rev": current.rev, "strategy": "keep-both", "copy_path": aside,
                                   "resolved_at": now, "resolution": "keep-both"})
-    journal.batch(updates=updates, inserts=inserts, renames=renames, conflicts=conflict_rows,
-                  state=_checkpoint_past_echoes(journal, answers))
+    state = _past_echoes(last_seq, answers)
+    journal.batch(updates=updates, inserts=inserts, renames=renames, conflicts=conflict_rows, state=state)
+    return state["last_seq"] if state else last_seq
 
 
 def _checkpoint_past_echoes(journal: Journal, answers: list[p.CommitResult]) -> dict[str, Any] | None:
+    """The checkpoint to store after this batch, read from the journal; see :func:`_past_echoes`."""
+    return _past_echoes(journal.state().get("last_seq"), answers)
+
+
+def _past_echoes(last: int | None, answers: list[p.CommitResult]) -> dict[str, Any] | None:
     """Move the checkpoint past this batch when the feed holds nothing else there.
 
     The server numbers a commit's changes in one run under its workspace
@@ -249,7 +381,6 @@ def _checkpoint_past_echoes(journal: Journal, answers: list[p.CommitResult]) -> 
     seqs = sorted(a.seq for a in answers if a.status == "ok" and a.seq is not None)
     if not seqs:
         return None
-    last = journal.state().get("last_seq")
     if last is None or seqs != list(range(last + 1, last + 1 + len(seqs))):
         return None
     return {"last_seq": seqs[-1]}
