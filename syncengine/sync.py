@@ -185,7 +185,12 @@ def _round(ws: Workspace, remote: Remote, strategy_for, pct: float, force: bool,
             # Journal the conflict copies (pushed like any file) and the edits
             # that landed during the apply (decided again in the next pass).
             ws.scan()
-        to_push = [row for row, action in plan_for(journal) if action.do is Do.PUSH]
+        if all(action.do is Do.PUSH for _row, action in plan) and not (ctx.result.copies or changed_underfoot):
+            # Nothing was applied nor rescanned, so planning again (a tenth of a second
+            # for a first push of 10,000) would find these same pushes.
+            to_push = [row for row, _action in plan]
+        else:
+            to_push = [row for row, action in plan_for(journal) if action.do is Do.PUSH]
         if progress:
             progress("push", 0, len(to_push))
         push_progress = (lambda n, t: progress("push", n, t)) if progress else None
