@@ -37,7 +37,7 @@ from syncengine.errors import BusyError, UnsafePath
 from syncengine.server.guard import ApiError, GuardMiddleware, Limits
 from syncengine.server.live import install as install_live
 from syncengine.server.manifests import get_manifest, put_manifest
-from syncengine.server.storage import BlobInfo, Storage, compress_chunk
+from syncengine.server.storage import BlobInfo, CommitOutcome, Storage, compress_chunk
 
 log = logging.getLogger("syncengine.server")
 
@@ -185,6 +185,14 @@ def create_app(
                 fn(ws, last_seq)
             except Exception:
                 log.exception("announce hook failed for %s", ws)
+
+    def commit_and_announce(ws: str, ws_id: int, req: p.CommitRequest) -> CommitOutcome:
+        # One trip to a worker thread, not two: the hooks run after the
+        # transaction has committed, on the thread that ran it.
+        outcome = storage.commit(ws_id, req.client_id, req.items)
+        if outcome.applied:
+            announce_all(ws, outcome.last_seq)
+        return outcome
 
     @app.get(
         "/v1/health",
@@ -389,9 +397,7 @@ def create_app(
                     "bad_request",
                     f"items[{i}]: op_id is not the item's op id; nothing was applied",
                 )
-        outcome = await run_in_threadpool(storage.commit, ws_id, req.client_id, req.items)
-        if outcome.applied:
-            await run_in_threadpool(announce_all, ws, outcome.last_seq)
+        outcome = await run_in_threadpool(commit_and_announce, ws, ws_id, req)
         return JSONResponse({"results": outcome.results})
 
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
