@@ -28,6 +28,7 @@ import secrets
 import shutil
 import signal
 import stat as stat_mod
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,21 +209,40 @@ def hash_with_head(path: Path, retries: int = 3, head_size: int = 8192) -> tuple
     The file is stat'ed before and after reading (on the open descriptor);
     if it moved in between, somebody was writing it, so read again (D9).
     """
+    # Straight into this thread's buffer, no file object: a first scan hashes
+    # every file, and a buffered reader plus a fresh 1 MiB read per file were
+    # a quarter of it (10,000 small files: ~200 -> ~150 ms).
+    buf = _read_buffer()
+    view = memoryview(buf)
     for _attempt in range(retries):
         fd = _open_nofollow(path)
-        with os.fdopen(fd, "rb") as fh:
-            st = os.fstat(fh.fileno())
+        try:
+            st = os.fstat(fd)
             if not stat_mod.S_ISREG(st.st_mode):
                 raise IsADirectoryError(errno_mod.EISDIR, "not a regular file", str(path))
             before = FileStat.of(st)
-            first = fh.read(CHUNK)
-            digest = hashlib.sha256(first)
-            while chunk := fh.read(CHUNK):
-                digest.update(chunk)
-            after = FileStat.of(os.fstat(fh.fileno()))
+            digest = hashlib.sha256()
+            head = b""
+            while n := os.readv(fd, [buf]):
+                if len(head) < head_size:
+                    head += bytes(view[:min(n, head_size - len(head))])
+                digest.update(view[:n])
+            after = FileStat.of(os.fstat(fd))
+        finally:
+            os.close(fd)
         if before == after:
-            return digest.hexdigest(), after, first[:head_size]
+            return digest.hexdigest(), after, head
     raise OSError(errno_mod.EBUSY, "file kept changing while it was read", str(path))
+
+
+_buffers = threading.local()
+
+
+def _read_buffer() -> bytearray:
+    buf = getattr(_buffers, "buf", None)
+    if buf is None:
+        buf = _buffers.buf = bytearray(CHUNK)
+    return buf
 
 
 def read_bytes(path: Path) -> tuple[bytes, FileStat]:
