@@ -15,7 +15,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -68,6 +68,31 @@ DOC_FIELDS = [f.name for f in fields(DocRow)]
 
 def now_ns() -> int:
     return time.time_ns()
+
+
+def _doc_ids(batch: int = 256) -> Callable[[], str]:
+    """New document ids, as uuid.uuid4().hex makes them, from one os.urandom per ``batch`` ids.
+
+    A first scan names every file: 10,000 uuid4() calls were 10,000 urandom
+    syscalls and UUID objects (~20 ms; this is ~7).
+    """
+    pending: list[str] = []
+
+    def new_id() -> str:
+        if not pending:
+            raw = os.urandom(16 * batch)
+            for i in range(0, len(raw), 16):
+                value = int.from_bytes(raw[i:i + 16])
+                value = (value & _UUID4_CLEAR) | _UUID4_SET  # version 4, RFC 4122 variant
+                pending.append(f"{value:032x}")
+            pending.reverse()
+        return pending.pop()
+
+    return new_id
+
+
+_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
 
 
 def _migration_1(db: pw.Database) -> None:
@@ -318,6 +343,7 @@ class Journal:
         with self.writing():
             new_docs: list[dict] = []
             change_rows: list[dict] = []
+            new_id = _doc_ids()
             # Paths an absent document last had: only those can be revived, so
             # a first scan of N new files runs no per-file query. A deletion in
             # this batch makes another document absent: then every path is asked.
@@ -343,7 +369,7 @@ class Journal:
                     if doc_id:
                         D.update(path=ch.path, kind=ch.kind, **stat).where(D.doc_id == doc_id).execute()
                     else:
-                        doc_id = uuid.uuid4().hex
+                        doc_id = new_id()
                         new_docs.append({"doc_id": doc_id, "kind": ch.kind, "path": ch.path, **stat})
                 elif ch.op is Op.DELETED:
                     deleted_here = True
@@ -661,6 +687,10 @@ def _chunks(items: list, size: int) -> Iterator[list]:
 # as insert_many would.
 
 
+# Field classes whose db_value returns a value of this exact type unchanged (peewee's adapt: int(v), str(v)).
+_PLAIN: dict[type, type] = {pw.IntegerField: int, pw.BigIntegerField: int, pw.CharField: str, pw.TextField: str}
+
+
 def _insert_rows(db: pw.Database, model: type[pw.Model], rows: Iterable[dict[str, Any]]) -> None:
     """INSERT dict rows, one executemany per run of rows with the same keys."""
     meta = model._meta
@@ -671,9 +701,16 @@ def _insert_rows(db: pw.Database, model: type[pw.Model], rows: Iterable[dict[str
         names = [f.column_name for f in fields] + [f.column_name for f, _ in missing]
         sql = (f'INSERT INTO "{table}" ({", ".join(f"{chr(34)}{n}{chr(34)}" for n in names)}) '
                f'VALUES ({", ".join("?" * len(names))})')
+        # peewee's db_value coerces (int(), str()); a value already of the field's
+        # plain type (or None) is passed as it is: the same bytes reach SQLite, and
+        # a first scan of 10,000 files makes 220,000 fewer calls.
+        plain = [(f.name, _PLAIN.get(type(f)), f.db_value) for f in fields]
         params = []
         for row in run:
-            values = [f.db_value(row[f.name]) for f in fields]
+            values = []
+            for name, kind, convert in plain:
+                value = row[name]
+                values.append(value if value is None or type(value) is kind else convert(value))
             values += [f.db_value(d() if callable(d) else d) for f, d in missing]
             params.append(values)
         db.connection().executemany(sql, params)
