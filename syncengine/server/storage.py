@@ -110,6 +110,7 @@ class _CommitState:
         self.doc_writes: list[tuple[str, dict[str, Any]]] = []  # ("insert"|"update", values)
         self.change_rows: list[tuple] = []
         self.op_rows: list[tuple] = []
+        self.now = time.time_ns()  # received_ns and created_ns of every row this request writes
         op_ids = list(dict.fromkeys(i.op_id for i in items))
         doc_ids = list(dict.fromkeys(i.doc_id for i in items))
         keys = list(dict.fromkeys(casefold_key(i.path) for i in items if i.hash is not None))
@@ -559,13 +560,14 @@ class Storage:
                 result = self._apply(state, client_id, item, last_seq + 1)
                 if result.status == "ok" and result.seq == last_seq + 1:
                     last_seq += 1
+                answer = result.to_dict()
                 if result.status == "ok":
                     # Only applied ops are remembered: a refused op changed nothing,
                     # and pinning its refusal would keep answering a stale conflict.
-                    encoded = json.dumps(result.to_dict())
+                    encoded = json.dumps(answer)
                     state.ops[item.op_id] = encoded
-                    state.op_rows.append((ws_id, item.op_id, encoded, time.time_ns()))
-                results.append(result.to_dict())
+                    state.op_rows.append((ws_id, item.op_id, encoded, state.now))
+                results.append(answer)
             state.write()
             if last_seq != start:
                 sql = f'UPDATE "workspace" SET "last_seq" = {self.db.param} WHERE "id" = {self.db.param}'
@@ -615,6 +617,7 @@ class Storage:
                 "ok", item.doc_id, rev=doc.rev, seq=doc.rev
             )  # identical: no new revision
         size = None
+        key = None
         if not deleting:
             key = casefold_key(item.path)
             occupant = state.owners.get(key)
@@ -632,7 +635,7 @@ class Storage:
         old_path = doc.path if doc is not None and not doc.deleted and doc.path != path else None
         fields = {
             "path": path,
-            "path_key": None if deleting else casefold_key(path),
+            "path_key": key,
             "rev": seq,
             "hash": item.hash,
             "deleted": deleting,
@@ -642,7 +645,7 @@ class Storage:
         state.put_doc(item.doc_id, doc, fields)
         state.change_rows.append(
             (state.ws_id, seq, item.doc_id, path, old_path, item.hash, deleting,
-             item.executable, size, item.op_id, client_id, time.time_ns())
+             item.executable, size, item.op_id, client_id, state.now)
         )
         return CommitResult("ok", item.doc_id, rev=seq, seq=seq)
 
