@@ -6,15 +6,13 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test soak bench lint clean
 
-# editable_mode=compat: the checkout goes on sys.path through a plain .pth line.
-# setuptools' default ("lenient") installs an import hook instead, which every
-# `syncengine` call paid for at start-up (~14 ms, about a tenth of a no-op sync).
-# The stamp depends on this Makefile too, so an existing venv reinstalls when the
-# install line changes.
+# The editable install puts the checkout on sys.path with a plain .pth line, no
+# import hook (pyproject.toml's package-dir says why). The stamp depends on this
+# Makefile too, so an existing venv reinstalls when the install line changes.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,bench]' --config-settings editable_mode=compat
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	touch $(STAMP)
 
 demo: $(STAMP)
