@@ -113,11 +113,25 @@ def _keep_bases(blobs: BlobStore, keep: dict[str, bytes],
 
 @dataclass
 class _Sent:
-    """What a wave's blob side settled: the documents it made ready to commit, and what failed."""
+    """A wave whose blobs are up: its documents, what failed, and the wait for its bases."""
 
-    ready: set[str] = field(default_factory=set)
+    ready: list[DocRow] = field(default_factory=list)
     uploaded: int = 0
     problems: list[ScanProblem] = field(default_factory=list)
+    kept: Callable[[], dict[str, Exception]] = dict
+
+    def settle(self) -> set[str]:
+        """Wait for the wave's bases; the ids of the documents that may now be committed.
+
+        A document whose base could not be kept is not committed (it goes
+        next round), so the journal never points at a base it does not hold.
+        """
+        unkept = self.kept()
+        for row in self.ready:
+            if row.path is not None and row.hash in unkept:
+                exc = unkept[row.hash]
+                self.problems.append(ScanProblem(row.path, getattr(exc, "message", str(exc))))
+        return {row.doc_id for row in self.ready if row.path is None or row.hash not in unkept}
 
 
 def waves(rows: list[DocRow], batch: int, *, most: int = WAVE_ROWS,
@@ -196,10 +210,11 @@ def push(
                 sent = queue.popleft()()
                 if index + AHEAD < len(planned):
                     queue.append(send(planned[index + AHEAD]))
+                ready = sent.settle()
                 result.uploaded += sent.uploaded
                 result.problems += sent.problems
                 for chunk in wave:
-                    yield [row for row in chunk if row.doc_id in sent.ready], len(chunk)
+                    yield [row for row in chunk if row.doc_id in ready], len(chunk)
 
         done = 0
         last_seq = journal.state().get("last_seq")  # only this push moves it until it returns
@@ -260,7 +275,7 @@ def _send_wave(root: Path, blobs: BlobStore, remote: Remote, rows: list[DocRow],
     ready: list[DocRow] = []
     for row in rows:
         if stop.is_set():
-            return sent
+            return _Sent()
         try:
             if row.path is not None and row.hash not in sources:
                 kept: list[bytes] = []
@@ -270,30 +285,24 @@ def _send_wave(root: Path, blobs: BlobStore, remote: Remote, rows: list[DocRow],
             ready.append(row)
         except (ChangedUnderfoot, FileSystemError, OSError) as exc:
             sent.problems.append(ScanProblem(row.path or "?", getattr(exc, "message", str(exc))))
-    kept_all = _keep_bases(blobs, keep, pool)
-    try:
-        if sources and not stop.is_set():
-            # upload() asks the server which blobs it lacks and sends only those, in packs.
-            # A blob whose base is not kept may go up too: unreferenced, it is harmless.
-            report = remote.upload(list(sources.values()))
-            sent.uploaded += len(report.uploaded)
-            failed = {failure.hash for failure in report.failed}
-            paths = {row.hash: row.path for row in ready if row.path}
-            for failure in report.failed:
-                where = paths.get(failure.hash) or failure.hash[:12]
-                sent.problems.append(ScanProblem(where, f"upload failed: {failure.reason}"))
-            ready = [row for row in ready if row.hash not in failed or row.path is None]
-    finally:
-        unkept = kept_all()  # never leave a store running behind an error
-    if unkept:
-        for row in ready:
-            if row.path is not None and row.hash in unkept:
-                exc = unkept[row.hash]
-                sent.problems.append(ScanProblem(row.path, getattr(exc, "message", str(exc))))
-        ready = [row for row in ready if row.path is None or row.hash not in unkept]
+    # The bases are stored on their own thread, and waited for only before the wave's
+    # first commit: this thread goes on with the next wave's files meanwhile.
+    sent.kept = _keep_bases(blobs, keep, pool)
+    if stop.is_set():
+        return _Sent()
     if sources:
+        # upload() asks the server which blobs it lacks and sends only those, in packs.
+        # A blob whose base is not kept may go up too: unreferenced, it is harmless.
+        report = remote.upload(list(sources.values()))
+        sent.uploaded += len(report.uploaded)
+        failed = {failure.hash for failure in report.failed}
+        paths = {row.hash: row.path for row in ready if row.path}
+        for failure in report.failed:
+            where = paths.get(failure.hash) or failure.hash[:12]
+            sent.problems.append(ScanProblem(where, f"upload failed: {failure.reason}"))
+        ready = [row for row in ready if row.hash not in failed or row.path is None]
         failpoint("push.after_upload")
-    sent.ready = {row.doc_id for row in ready}
+    sent.ready = ready
     return sent
 
 
