@@ -150,8 +150,9 @@ def test_a_no_op_sync_writes_nothing_durable_and_still_records_its_time(tmp_path
     before = _state_files(replica.root)
     assert not any(name.endswith("-wal") for name in before)
 
-    code, _modules, out = run_probe(tmp_path, "-C", replica.root, "sync")
+    code, modules, out = run_probe(tmp_path, "-C", replica.root, "sync", TTY_COMPATIBLE="")
     assert code == 0 and "nothing to do" in out
+    assert not _tops(modules) & {*NEVER_FOR_A_CLIENT, "pathspec"}  # a person's one line on a pipe: no rich
     assert _state_files(replica.root) == before
     assert replica.rows("SELECT last_seq, last_sync_at FROM sync_state") == stored
     shown = replica.status().sync.last_sync_at
