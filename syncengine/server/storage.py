@@ -221,7 +221,13 @@ def _executemany(db: Any, model: Any, names: list[str], rows: list, *, where: li
     else:
         cols = ", ".join(f'"{f.column_name}"' for f in fields)
         sql = f'INSERT INTO "{meta.table_name}" ({cols}) VALUES ({", ".join([q] * len(fields))})'
-    db.cursor().executemany(sql, rows)
+    if is_postgres(db):
+        # psycopg2's executemany is one round trip per row; execute_batch sends them in one.
+        from psycopg2.extras import execute_batch
+
+        execute_batch(db.cursor(), sql, rows, page_size=1000)
+    else:
+        db.cursor().executemany(sql, rows)
 
 
 class Storage:
