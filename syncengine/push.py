@@ -43,6 +43,7 @@ SMALL = 1 << 20
 WAVE_ROWS = p.MAX_HASHES  # documents whose blobs go up together: one missing call
 WAVE_BYTES = 16 << 20  # small files' bytes held by one wave
 AHEAD = 2  # waves whose blobs may be on their way ahead of the commits
+RECORD_EVERY = 500  # answered changes journaled in one transaction
 
 
 @dataclass
@@ -218,19 +219,16 @@ def push(
 
         done = 0
         last_seq = journal.state().get("last_seq")  # only this push moves it until it returns
-        answered: tuple[list[DocRow], list[p.CommitItem], list[p.CommitResult], int] | None = None
+        held: list[tuple[DocRow, p.CommitItem, p.CommitResult]] = []  # answered, not yet journaled
 
-        def record() -> None:
-            nonlocal answered, done, last_seq
-            if answered is None:
+        def record(at_least: int = 1) -> None:
+            nonlocal held, last_seq
+            if not held or len(held) < at_least:
                 return
-            (ready, items, answers, size), answered = answered, None
-            if items:
-                last_seq = _record(root, journal, ready, items, answers, result, client_id, last_seq)
+            ready, items, answers = (list(column) for column in zip(*held, strict=True))
+            held = []
+            last_seq = _record(root, journal, ready, items, answers, result, client_id, last_seq)
             failpoint("push.after_record")
-            done += size
-            if progress:
-                progress(done, len(rows))
 
         try:
             for ready, size in ready_batches():
@@ -242,10 +240,15 @@ def push(
                     answers = (lambda now: lambda: now)(remote.commit(items))
                 else:
                     answers = committer.submit(remote.commit, items).result
-                # The previous batch is recorded while the server works on this one.
-                record()
-                answered = (ready, items, answers(), size)
+                # What came back is journaled a few batches at a time (one transaction, one
+                # fsync), while the server works on this one; a kill before that is
+                # answered again by op id.
+                record(RECORD_EVERY)
+                held += zip(ready, items, answers(), strict=True)
                 failpoint("push.after_commit")
+                done += size
+                if progress:
+                    progress(done, len(rows))
             record()
         finally:
             record()  # answers already received are kept whatever stopped the push
