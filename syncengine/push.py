@@ -135,6 +135,10 @@ class _Sent:
         return {row.doc_id for row in self.ready if row.path is None or row.hash not in unkept}
 
 
+# A commit sent or queued: its documents, its items, the wait for its answers, the batch's size.
+_InFlight = tuple[list[DocRow], list[p.CommitItem], Callable[[], list[p.CommitResult]], int]
+
+
 def waves(rows: list[DocRow], batch: int, *, most: int = WAVE_ROWS,
           most_bytes: int = WAVE_BYTES) -> list[list[list[DocRow]]]:
     """The commit batches of a push, grouped into waves whose blobs go up together.
@@ -230,28 +234,64 @@ def push(
             last_seq = _record(root, journal, ready, items, answers, result, client_id, last_seq)
             failpoint("push.after_record")
 
+        refused = threading.Event()
+
+        def commit(items: list[p.CommitItem]) -> list[p.CommitResult]:
+            if refused.is_set():  # a commit before this one failed: the push stops there
+                return []
+            try:
+                return remote.commit(items)
+            except BaseException:
+                refused.set()
+                stop.set()
+                raise
+
+        def start(items: list[p.CommitItem]) -> Callable[[], list[p.CommitResult]]:
+            if not items:
+                return list
+            if committer is None:
+                return (lambda now: lambda: now)(commit(items))
+            return committer.submit(commit, items).result
+
+        inflight: collections.deque[_InFlight] = collections.deque()
+
+        def answered() -> None:
+            """Take the oldest commit's answers; what came before is journaled meanwhile."""
+            nonlocal done, held
+            ready, items, answers, size = inflight.popleft()
+            # Journaled a few batches at a time (one transaction, one fsync) while the
+            # server works on the commits in flight; a kill before that is answered
+            # again by op id.
+            record(RECORD_EVERY)
+            held += zip(ready, items, answers(), strict=True)
+            failpoint("push.after_commit")
+            done += size
+            if progress:
+                progress(done, len(rows))
+
         try:
             for ready, size in ready_batches():
                 failpoint("push.before_commit")
                 items = [commit_item(row, client_id) for row in ready]
-                if not items:
-                    answers: Callable[[], list[p.CommitResult]] = list
-                elif committer is None:
-                    answers = (lambda now: lambda: now)(remote.commit(items))
-                else:
-                    answers = committer.submit(remote.commit, items).result
-                # What came back is journaled a few batches at a time (one transaction, one
-                # fsync), while the server works on this one; a kill before that is
-                # answered again by op id.
-                record(RECORD_EVERY)
-                held += zip(ready, items, answers(), strict=True)
-                failpoint("push.after_commit")
-                done += size
-                if progress:
-                    progress(done, len(rows))
+                # The next commit is queued behind the one in flight, on the same
+                # connection and in order, so the server never waits for this thread.
+                inflight.append((ready, items, start(items), size))
+                if len(inflight) > 1:
+                    answered()
+            while inflight:
+                answered()
             record()
         finally:
-            record()  # answers already received are kept whatever stopped the push
+            # Whatever stopped the push, the answers to commits already sent are kept.
+            for ready, items, answers, _size in inflight:
+                try:
+                    got = answers()
+                except Exception:  # the error that stopped the push is already on its way
+                    break
+                if len(got) != len(items):  # not sent: a commit before it failed
+                    break
+                held += zip(ready, items, got, strict=True)
+            record()
     return result
 
 

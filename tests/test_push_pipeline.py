@@ -108,6 +108,31 @@ def test_a_failure_met_by_the_blob_thread_keeps_its_exit_code_and_the_rest_queue
     no_duplicate_revisions(log)
 
 
+def test_a_commit_failing_mid_push_stops_the_commits_queued_behind_it(kit: Kit, proxy: FaultProxy):
+    """The 4th commit's answer lost (503, retried): exit 3, nothing sent after it; the next round replays it."""
+    files = _files(1500)
+    a = kit.replica(files, url=proxy.url)
+    commits: list[str] = []
+
+    def lose_after_three(method, path, status, headers, body):
+        if method == "POST" and path.endswith("/commit"):
+            commits.append(path)
+            if len(commits) > 3:
+                return 503, {"Content-Type": "application/json"}, b'{"error": "injected", "message": "injected"}'
+        return None
+
+    proxy.rewrites.append(lose_after_three)
+    result = a.proc("sync")
+    assert result.code == 3 and result.stderr.count("\n") == 1, result.stderr
+    assert len(commits) == 3 + 2  # the 4th and its one retry (the replica's retries = 1); the 5th never went
+    assert len(kit.log()) == 400 and a.status().pending.created == 1200  # the 4th committed, its answer lost
+    proxy.rewrites.clear()
+    assert a.proc("sync").code == 0
+    log = kit.log()
+    assert sorted(c.path for c in log) == sorted(files)
+    no_duplicate_revisions(log)
+
+
 @pytest.mark.parametrize("point", [
     "push.after_upload:3",  # the third wave's blobs up, the second wave's commits under way
     "push.before_commit:4",  # the first two waves committed, the third's blobs up (or on their way)
