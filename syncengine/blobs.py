@@ -3,7 +3,8 @@
 A blob is named by the sha256 of its uncompressed bytes and stored as
 ``objects/ab/cdef...``: a 5-byte header (``SEB1`` + codec) then either
 zlib-compressed or raw bytes (raw when compression does not pay, as for
-media). Blobs are written to ``objects/tmp`` and renamed into place, so a
+media, or when :meth:`BlobStore.put_many` stores a blob that fits one
+4 KiB block either way). Blobs are written to ``objects/tmp`` and renamed into place, so a
 half-written blob never has a real name (A7); every read re-hashes what it
 returns, so a damaged blob is reported, never served.
 
@@ -33,6 +34,7 @@ MAGIC = b"SEB1"
 ZLIB = b"z"
 RAW = b"r"
 _LEVEL = 1  # documents compress well even at level 1; higher levels cost CPU for little
+ONE_BLOCK = 4096 - len(MAGIC) - 1  # put_many stores blobs up to this size raw
 
 
 class BlobStore:
@@ -163,9 +165,14 @@ class BlobStore:
         tmp = os.path.join(self._tmp, f"{secrets.token_hex(8)}.part")
         try:
             check_fault("store", tmp)  # tests: a full disk or a denied write in the blob store
-            packed = zlib.compress(data, _LEVEL)
-            raw = len(data) >= 4096 and len(packed) > len(data) * 0.95  # as put_stream decides
-            view = memoryview(MAGIC + RAW + data if raw else MAGIC + ZLIB + packed)
+            if len(data) <= ONE_BLOCK:
+                # It takes one 4 KiB block of disk compressed or not: the deflate (a third
+                # of storing a first push's bases) would buy nothing, and reads skip the inflate.
+                view = memoryview(MAGIC + RAW + data)
+            else:
+                packed = zlib.compress(data, _LEVEL)
+                raw = len(data) >= 4096 and len(packed) > len(data) * 0.95  # as put_stream decides
+                view = memoryview(MAGIC + RAW + data if raw else MAGIC + ZLIB + packed)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
             try:
                 while view:

@@ -89,14 +89,16 @@ def test_a_file_on_another_file_system_is_made_durable_too(tmp_path, durability)
 
 
 def test_put_many_stores_every_item_under_its_name(store, durability):
-    """Documents compressed, media raw, a repeat and an already stored blob: all named, all read back."""
+    """Larger documents compressed, media and one-block documents raw, a repeat and an already stored blob."""
     already = store.put_bytes(DOCS[0])
-    items = [*DOCS, NOISE, DOCS[3]]
+    large = b'{"text": "%s"}' % (b"total " * 1000)
+    items = [*DOCS, NOISE, DOCS[3], large]
     results = store.put_many(items)
     assert results == [hashlib.sha256(d).hexdigest() for d in items]
     assert results[0] == already
-    assert store.path(results[-2]).read_bytes()[:5] == b"SEB1r" and store.get(results[-2]) == NOISE
-    assert store.path(results[5]).read_bytes()[:5] == b"SEB1z"
+    assert store.path(results[-3]).read_bytes()[:5] == b"SEB1r" and store.get(results[-3]) == NOISE
+    assert store.path(results[5]).read_bytes()[:5] == b"SEB1r"  # fits one 4 KiB block: deflate buys nothing
+    assert store.path(results[-1]).read_bytes()[:5] == b"SEB1z" and store.get(results[-1]) == large
     assert sorted(_verified(store)) == sorted(set(results)) and list(store.tmp.iterdir()) == []
 
 
