@@ -43,6 +43,7 @@ SMALL = 1 << 20
 WAVE_ROWS = p.MAX_HASHES  # documents whose blobs go up together: one missing call
 WAVE_BYTES = 16 << 20  # small files' bytes held by one wave
 AHEAD = 2  # waves whose blobs may be on their way ahead of the commits
+BLOB_THREADS = 2  # of those, sent at once
 RECORD_EVERY = 500  # answered changes journaled in one transaction
 
 
@@ -194,12 +195,12 @@ def push(
         ahead = bases = committer = None
         if len(rows) > 1:
             bases = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="push-bases"))
+        stack.callback(remote.release_ended_threads)  # once the workers below have ended: their connections
         if len(planned) > 1:
-            ahead = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="push-blobs"))
-            stack.callback(ahead.submit, remote.release_thread)  # its connection goes with it
+            # Two threads: one reads and hashes a wave while the server takes the other's pack.
+            ahead = stack.enter_context(ThreadPoolExecutor(BLOB_THREADS, thread_name_prefix="push-blobs"))
         if len(rows) > batch:
             committer = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="push-commit"))
-            stack.callback(committer.submit, remote.release_thread)
         stack.callback(stop.set)  # runs first on the way out: a worker still ahead gives up
 
         def send(wave: list[list[DocRow]]) -> Callable[[], _Sent]:

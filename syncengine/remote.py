@@ -237,8 +237,8 @@ class Remote(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional for implementations
         """Release connections."""
 
-    def release_thread(self) -> None:  # noqa: B027 - optional for implementations
-        """Release the calling thread's connection: a worker thread is done with this remote."""
+    def release_ended_threads(self) -> None:  # noqa: B027 - optional for implementations
+        """Release the connections of threads that have ended (a push's workers)."""
 
     def __enter__(self: T) -> T:
         return self
@@ -409,15 +409,15 @@ class HttpRemote(Remote):
         self._auth = _Bearer(token)
         # Passed with every request: requests lets REQUESTS_CA_BUNDLE override Session.verify.
         self._verify: str | bool = str(ca_file) if ca_file else True
-        # One session (one connection) per thread: a push uploads the next blobs on a
-        # thread of its own while it commits, and a requests.Session is not thread-safe.
-        self._local = threading.local()
-        self._sessions: list[requests.Session] = []
+        # One session (one connection) per thread: a push uploads the next blobs on
+        # threads of its own while it commits, and a requests.Session is not thread-safe.
+        self._sessions: dict[threading.Thread, requests.Session] = {}
         self._sessions_lock = threading.Lock()
 
     @property
     def _session(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
+        thread = threading.current_thread()
+        session = self._sessions.get(thread)
         if session is None:
             session = requests.Session()
             session.auth = self._auth
@@ -433,8 +433,7 @@ class HttpRemote(Remote):
             session.mount("http://", adapter)
             session.mount("https://", adapter)
             with self._sessions_lock:
-                self._sessions.append(session)
-            self._local.session = session
+                self._sessions[thread] = session
         return session
 
     def __repr__(self) -> str:
@@ -442,20 +441,16 @@ class HttpRemote(Remote):
 
     def close(self) -> None:
         with self._sessions_lock:
-            sessions, self._sessions = self._sessions, []
+            sessions, self._sessions = list(self._sessions.values()), {}
         for session in sessions:
             session.close()
-        self._local = threading.local()
 
-    def release_thread(self) -> None:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            return
-        self._local.session = None
+    def release_ended_threads(self) -> None:
         with self._sessions_lock:
-            if session in self._sessions:
-                self._sessions.remove(session)
-        session.close()
+            ended = [thread for thread in self._sessions if not thread.is_alive()]
+            sessions = [self._sessions.pop(thread) for thread in ended]
+        for session in sessions:
+            session.close()
 
     # ------------------------------------------------------------ the one request loop
 

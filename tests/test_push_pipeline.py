@@ -46,15 +46,12 @@ def _plain(headers: dict[str, str], body: bytes) -> bytes:
     return gzip.decompress(body) if gzipped else body
 
 
-def _fail_packs_after(first: int, status: int):
-    """A rewrite answering ``status`` to every pack upload after the first ``first``."""
-    packs: list[str] = []
+def _fail_big_packs(least: int, status: int):
+    """A rewrite answering ``status`` to every pack of at least ``least`` blobs (the waves may overlap in time)."""
 
     def rewrite(method, path, _status, headers, body):
-        if method == "POST" and path.endswith("/blobs/pack"):
-            packs.append(path)
-            if len(packs) > first:
-                return status, {"Content-Type": "application/json"}, b'{"error": "injected", "message": "injected"}'
+        if method == "POST" and path.endswith("/blobs/pack") and len(json.loads(body)["stored"]) >= least:
+            return status, {"Content-Type": "application/json"}, b'{"error": "injected", "message": "injected"}'
         return None
 
     return rewrite
@@ -96,7 +93,7 @@ def test_a_failure_met_by_the_blob_thread_keeps_its_exit_code_and_the_rest_queue
     """The third wave's pack answered 503 (exit 3) or 401 (exit 4): the first two are committed, the rest queued."""
     files = _files(1500)  # waves of 100, 200, 400, 800
     a = kit.replica(files, url=proxy.url)
-    proxy.rewrites.append(_fail_packs_after(2, status))
+    proxy.rewrites.append(_fail_big_packs(400, status))
     result = a.proc("sync")
     assert result.code == code and result.stderr.count("\n") == 1, result.stderr
     assert a.tree() == {path: data.encode() for path, data in files.items()}
@@ -170,3 +167,20 @@ def test_a_pack_of_blobs_that_do_not_compress_goes_plain(kit: Kit, proxy: FaultP
     b = kit.replica()
     b.sync()
     assert_converged(a, b)
+
+
+def test_the_push_threads_leave_no_connection_behind(kit: Kit):
+    """A remote kept across rounds (the daemon's) holds no session of a push's finished worker threads."""
+    import threading
+
+    from syncengine import Workspace
+    from syncengine.sync import sync_once
+
+    a = kit.replica(_files(1200))
+    with Workspace(a.root) as ws:
+        remote = ws.open_remote()
+        try:
+            assert len(sync_once(ws, remote=remote).pushed) == 1200
+            assert list(remote._sessions) == [threading.current_thread()]
+        finally:
+            remote.close()
