@@ -3,8 +3,8 @@
 The blobs go up in waves of up to 1,000 documents (ten commit batches; a
 large push starts with one batch and doubles): one ``missing`` call, packs
 of the blobs the server lacks (large files streamed one by one), and the
-wave's bases kept locally. A thread runs the waves ahead of the commits, so
-the server stores the next wave's blobs while this one is committed; every
+wave's bases kept locally. Two threads run the waves ahead of the commits,
+so the server stores the next waves' blobs while this one is committed; every
 blob is up before the commit that names it (DESIGN §4). Commits carry at
 most 100 changes each, one in flight at a time, and a batch's answers are
 recorded while the server works on the next one. A push costs
