@@ -415,11 +415,6 @@ def _record(root: Path, journal: Journal, rows: list[DocRow], items: list[p.Comm
     return state["last_seq"] if state else last_seq
 
 
-def _checkpoint_past_echoes(journal: Journal, answers: list[p.CommitResult]) -> dict[str, Any] | None:
-    """The checkpoint to store after this batch, read from the journal; see :func:`_past_echoes`."""
-    return _past_echoes(journal.state().get("last_seq"), answers)
-
-
 def _past_echoes(last: int | None, answers: list[p.CommitResult]) -> dict[str, Any] | None:
     """Move the checkpoint past this batch when the feed holds nothing else there.
 

@@ -60,6 +60,16 @@ def shared_server(tmp_path_factory):
 
 
 @pytest.fixture
+def proxy(shared_server):
+    """A FaultProxy in front of the module's server (requests seen in ``.seen``; ``.rewrites`` to alter answers)."""
+    from tests.server.conftest import FaultProxy
+
+    proxy = FaultProxy(shared_server.url).start()
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture
 def kit(tmp_path, shared_server):
     """Replicas of a fresh workspace on the module's SQLite server."""
     from tests.synckit import Kit

@@ -58,17 +58,6 @@ def _unpacked(proxy: FaultProxy) -> list[str]:
     return out
 
 
-def _calls(proxy: FaultProxy, method: str, part: str) -> int:
-    return sum(1 for m, path in proxy.seen if m == method and part in path)
-
-
-@pytest.fixture
-def proxy(shared_server):
-    proxy = FaultProxy(shared_server.url).start()
-    yield proxy
-    proxy.stop()
-
-
 @pytest.fixture
 def api(storage, server_factory):
     """A raw client on a fresh server: SQLite, and PostgreSQL under .ci/run (migration 2 on both)."""
@@ -119,7 +108,7 @@ def test_an_edit_to_a_large_file_moves_only_the_changed_chunks(kit, proxy, share
     assert first >= 20  # the chunks and the manifest blob
     b.sync()
     assert b.read("big.bin") == data
-    assert len(_unpacked(proxy)) >= first - 1 and _calls(proxy, "GET", "/manifests/") == 1
+    assert len(_unpacked(proxy)) >= first - 1 and proxy.calls("GET", "/manifests/") == 1
     for edited in (_edit(data, 10 * MB, b"0123456789"), _edit(data, 100_000, b"INSERT!", insert=True)):
         a.write("big.bin", edited)
         rows = _blob_rows(shared_server)
@@ -223,7 +212,7 @@ def test_a_blob_stored_whole_is_fetched_whole(shared_server, proxy):
         assert remote.get(_sha(data)) == data
     finally:
         remote.close()
-    assert _calls(proxy, "GET", "/manifests/") == 0 and _calls(proxy, "GET", "/blobs/") == 1
+    assert proxy.calls("GET", "/manifests/") == 0 and proxy.calls("GET", "/blobs/") == 1
 
 
 def test_a_server_without_manifests_gets_the_whole_blob(shared_server, proxy):
@@ -243,7 +232,7 @@ def test_a_server_without_manifests_gets_the_whole_blob(shared_server, proxy):
         assert remote.get(_sha(data)) == data
     finally:
         remote.close()
-    assert _calls(proxy, "PUT", "/blobs/") == 1
+    assert proxy.calls("PUT", "/blobs/") == 1
 
 
 @pytest.mark.parametrize("fault", ["sizes", "order", "other_hash"])

@@ -124,7 +124,7 @@ def test_a_first_sync_leaves_no_echoes_to_page_through(tmp_path: Path, shared_se
 def test_checkpoint_moves_only_past_our_own_changes(tmp_path: Path, last_seq, answers, moved_to):
     """The checkpoint moves after a push only when the batch's changes are exactly the next in the feed."""
     from syncengine import protocol as p
-    from syncengine.push import _checkpoint_past_echoes
+    from syncengine.push import _past_echoes
 
     root = tmp_path / "w"
     root.mkdir()
@@ -133,7 +133,7 @@ def test_checkpoint_moves_only_past_our_own_changes(tmp_path: Path, last_seq, an
         ws.journal.update_state(last_seq=last_seq)
         results = [p.CommitResult(status, f"doc{i}", rev=1 if seq else None, seq=seq)
                    for i, (status, seq) in enumerate(answers)]
-        state = _checkpoint_past_echoes(ws.journal, results)
+        state = _past_echoes(ws.journal.state().get("last_seq"), results)
         assert state == (None if moved_to is None else {"last_seq": moved_to})
     finally:
         ws.close()

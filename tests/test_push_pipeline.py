@@ -30,17 +30,6 @@ def _files(n: int) -> dict[str, str]:
             for i in range(n)}
 
 
-@pytest.fixture
-def proxy(shared_server):
-    proxy = FaultProxy(shared_server.url).start()
-    yield proxy
-    proxy.stop()
-
-
-def _calls(proxy: FaultProxy, method: str, suffix: str) -> int:
-    return sum(1 for m, path in proxy.seen if m == method and path.split("?")[0].endswith(suffix))
-
-
 def _plain(headers: dict[str, str], body: bytes) -> bytes:
     gzipped = {k.lower(): v for k, v in headers.items()}.get("content-encoding") == "gzip"
     return gzip.decompress(body) if gzipped else body
@@ -62,8 +51,8 @@ def test_a_first_push_costs_a_commit_per_100_and_a_missing_call_per_1000(kit: Ki
     a = kit.replica(_files(N), url=proxy.url)
     report = a.sync()
     assert len(report.pushed) == N and not report.problems
-    commits, missing = _calls(proxy, "POST", "/commit"), _calls(proxy, "POST", "/blobs/missing")
-    packs = _calls(proxy, "POST", "/blobs/pack")
+    commits, missing = proxy.calls("POST", "/commit"), proxy.calls("POST", "/blobs/missing")
+    packs = proxy.calls("POST", "/blobs/pack")
     # Waves of 100, 200, 400, 800, 1000 documents: a missing call and a pack each.
     assert (commits, missing, packs) == (N // 100, 5, 5)
     assert len(proxy.seen) - commits - missing - packs <= 2, proxy.seen  # the first look at the server

@@ -7,22 +7,9 @@ import os
 
 import pytest
 
-from tests.server.conftest import FaultProxy
 from tests.synckit import assert_converged, converge, no_duplicate_revisions
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def proxy(shared_server):
-    """A proxy in front of the module's server (requests seen in ``.seen``; ``.rewrites`` to alter answers)."""
-    proxy = FaultProxy(shared_server.url).start()
-    yield proxy
-    proxy.stop()
-
-
-def _calls(proxy: FaultProxy, method: str, suffix: str) -> int:
-    return sum(1 for m, path in proxy.seen if m == method and path.split("?")[0].endswith(suffix))
 
 
 def _stamps(root):
@@ -47,7 +34,7 @@ def test_requests_grow_with_batches_not_with_files(kit, proxy):
     a = kit.replica(files, url=proxy.url)
     report = a.sync()
     assert len(report.pushed) == 250
-    assert _calls(proxy, "POST", "/commit") == 3 and len(proxy.seen) <= 3 * 3 + 2
+    assert proxy.calls("POST", "/commit") == 3 and len(proxy.seen) <= 3 * 3 + 2
     proxy.seen.clear()
     b = kit.replica(url=proxy.url)
     assert len(b.sync().downloaded) == 250 and len(proxy.seen) <= 4
@@ -55,7 +42,7 @@ def test_requests_grow_with_batches_not_with_files(kit, proxy):
         a.write(f"many/{i:03d}.json", f'{{"n": {i}, "edited": true}}\n')
     proxy.seen.clear()
     a.sync()
-    assert _calls(proxy, "POST", "/commit") == 2 and len(proxy.seen) <= 2 * 3 + 1
+    assert proxy.calls("POST", "/commit") == 2 and len(proxy.seen) <= 2 * 3 + 1
     proxy.seen.clear()
     assert len(b.sync().downloaded) == 120 and len(proxy.seen) <= 2
     assert_converged(a, b)
@@ -81,7 +68,7 @@ def test_own_pushes_are_recognised_and_never_downloaded(kit, proxy):
     proxy.seen.clear()
     report = a.sync()
     assert report.pulled >= 2 and not report.downloaded and not report.conflicts
-    assert _calls(proxy, "POST", "/blobs/unpack") == 0 and len(proxy.seen) == 1
+    assert proxy.calls("POST", "/blobs/unpack") == 0 and len(proxy.seen) == 1
 
 
 def test_a_lost_commit_answer_is_replayed_by_op_id(kit, proxy):
@@ -98,7 +85,7 @@ def test_a_lost_commit_answer_is_replayed_by_op_id(kit, proxy):
     proxy.rewrites.append(lose_first_commit_answer)
     report = a.sync()
     assert lost and sorted(report.pushed) == ["one.md", "two.md"] and not report.conflicts
-    assert _calls(proxy, "POST", "/commit") == 2
+    assert proxy.calls("POST", "/commit") == 2
     log = kit.log()
     assert len(log) == 2
     no_duplicate_revisions(log)

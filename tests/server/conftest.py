@@ -126,6 +126,10 @@ class FaultProxy:
     def fail(self, n: int, status: int = 503, headers: dict[str, str] | None = None) -> None:
         self.failures.extend([(status, headers or {})] * n)
 
+    def calls(self, method: str, part: str) -> int:
+        """Requests seen with ``method`` whose path (query left out) contains ``part``."""
+        return sum(1 for m, path in self.seen if m == method and part in path.split("?")[0])
+
     def start(self) -> FaultProxy:
         proxy = self
         session = requests.Session()
