@@ -115,6 +115,70 @@ def _stat_walk(root: Path, ignore: IgnoreRules, only: list[str] | None, problems
     return files
 
 
+def _changed_walk(root: Path, ignore: IgnoreRules, stamps: dict[str, Stamp], racy_after: int,
+                  problems: list[ScanProblem], unreadable_dirs: list[str]) -> tuple[dict[str, Stamp], list[str], int]:
+    """:func:`_stat_walk` fused with the comparison to the journal's ``stamps``.
+
+    Returns (the files whose stamp differs from the journal's, or is racy;
+    the known paths seen; how many files were counted). A no-op scan of
+    50,000 files keeps no dict of 50,000 stamps and makes no second pass to
+    compare them, and the ignore rules are asked only about files that
+    differ: a file whose stamp is exactly the journal's is known and
+    unchanged, ignored or not (a newly ignored file is never read as deleted
+    nor as changed either way), so it is counted as a file of the workspace.
+    """
+    changed: dict[str, Stamp] = {}
+    seen: list[str] = []
+    counted = 0
+    stamp_of = stamps.get
+    ignored = ignore.matcher()
+    stack = [(os.fspath(root), "")]
+    while stack:
+        folder, prefix = stack.pop()
+        try:
+            check_fault("list", folder)
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            problems.append(ScanProblem(prefix[:-1] or ".", f"cannot list folder: {exc.strerror}"))
+            unreadable_dirs.append(prefix[:-1])
+            continue
+        for entry in entries:
+            name = entry.name
+            if name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX):
+                continue
+            if name == STATE_DIR and not prefix:
+                continue
+            rel = prefix + name
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue  # vanished between listing and stat: the next scan sees it
+            mode = st.st_mode
+            if _S_ISREG(mode):
+                if not rel.isascii():
+                    problem = _name_problem(rel)
+                    if problem:
+                        if not ignored(rel):
+                            problems.append(ScanProblem(rel.encode("utf-8", "replace").decode(), problem))
+                        continue
+                stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, mode & 0o7777)
+                known = stamp_of(rel)
+                if known is not None:
+                    seen.append(rel)
+                    if known == stamp and stamp[1] < racy_after:
+                        counted += 1
+                        continue
+                if ignored(rel):
+                    continue
+                counted += 1
+                changed[rel] = stamp
+            elif _S_ISDIR(mode) and not ignored(rel + "/"):
+                stack.append((entry.path, rel + "/"))
+    return changed, seen, counted
+
+
 def _under(path: str, folders: list[str]) -> bool:
     return any(folder == "" or path == folder or path.startswith(folder + "/") for folder in folders)
 
@@ -126,40 +190,47 @@ def detect(
     *,
     progress: Progress | None = None,
 ) -> tuple[list[LocalChange], list[tuple[str, FileStat]], ScanReport]:
-    """Compare disk with the journal; returns (changes, restamps, report) without writing."""
+    """Compare disk with the journal; returns (changes, restamps, report) without writing.
+
+    The stamps are read before the walk (which compares as it goes), the
+    full rows of what differs after it, in a second read transaction; a
+    file whose stamp moved since the first read (an apply in another
+    process journaled it meanwhile) is compared again with the second, so
+    the outcome is the one a walk followed by a single read would give.
+    """
     started = time.monotonic()
     problems: list[ScanProblem] = []
     unreadable_dirs: list[str] = []
-    on_disk = _stat_walk(root, ignore, None, problems, unreadable_dirs)
-    # One read transaction, after the walk: the stamps and the full rows of
-    # the paths that differ come from the same state of the journal.
     with journal.reading():
-        state = journal.state()
-        racy_after = (state.get("last_scan_ns") or 0) - RACY_NS
+        racy_after = (journal.state().get("last_scan_ns") or 0) - RACY_NS
         stamps = journal.local_stamps()
-        stamp_of = stamps.get
-        # Unknown, restamped (size, mtime, ctime, inode or mode moved) or racy.
-        to_hash = [rel for rel, st in on_disk.items() if st[1] >= racy_after or stamp_of(rel) != st]
-        vanished = stamps.keys() - on_disk.keys()
-        wanted = [rel for rel in to_hash if rel in stamps]
-        wanted += vanished
+    changed, seen, files = _changed_walk(root, ignore, stamps, racy_after, problems, unreadable_dirs)
+    vanished = stamps.keys() - set(seen) if len(seen) != len(stamps) else set()
+    wanted = [*changed, *vanished]
+    with journal.reading():
         if len(wanted) > len(stamps) // 4:
             index = journal.local_index()
         else:
             index = journal.local_index(wanted) if wanted else {}
+    # Unknown, restamped (size, mtime, ctime, inode or mode moved) or racy, by the rows read last.
+    to_hash = [rel for rel, st in changed.items()
+               if st[1] >= racy_after or (known := index.get(rel)) is None or known[2:7] != st]
+    vanished = {rel for rel in vanished if rel in index}
 
     # path -> (sha256, stat, kind of a new file). The kind is decided at once
     # so a file's first bytes are not kept: on a first scan of 50,000 small
     # files those heads were the whole tree in memory (250 MB).
     hashed: dict[str, tuple[str, FileStat, str | None]] = {}
     total = len(to_hash)
+    # A str, not ``root / rel``: a Path per file was a tenth of a first scan's hashing.
+    top = os.path.join(root, "")
     for done, rel in enumerate(to_hash, 1):
         try:
-            digest, st, head = hash_with_head(root / rel)
-            hashed[rel] = (digest, st, kind_for(rel, head).value if rel not in stamps else None)
+            digest, st, head = hash_with_head(top + rel)
+            hashed[rel] = (digest, st, kind_for(rel, head).value if rel not in index else None)
         except FileNotFoundError:
-            del on_disk[rel]  # deleted while we scanned: treated as absent
-            if rel in stamps:
+            files -= 1  # deleted while we scanned: treated as absent
+            if rel in index:
                 vanished.add(rel)
         except OSError as exc:
             problems.append(ScanProblem(rel, f"cannot read: {exc.strerror or exc}"))
@@ -206,7 +277,7 @@ def detect(
         deleted=tuple(sorted(set(gone) - moved_old)),
         moved=tuple(sorted(moves)),
         problems=tuple(problems),
-        files=len(on_disk),
+        files=files,
         hashed=len(hashed),
         seconds=round(time.monotonic() - started, 4),
     )

@@ -142,6 +142,59 @@ def test_newly_ignored_file_is_not_a_deletion(ws: Workspace):
     assert ws.journal.doc_by_path("a.json") is not None
 
 
+def test_a_newly_ignored_file_edited_or_not_is_never_read_as_changed(ws: Workspace):
+    """The walk asks the ignore rules only about files whose stamp moved: a journaled file that became ignored is
+    left as it is while unchanged, and once edited it is skipped, neither modified nor deleted."""
+    ws.scan()
+    known = ws.journal.doc_by_path("a.json")
+    (ws.root / ".syncignore").write_text("*.json\n")
+    os.utime(ws.root / ".syncignore", (time.time() - 3600,) * 2)
+    assert ws.scan().created == (".syncignore",)
+    report = ws.scan()
+    assert report.changed == 0 and report.hashed == 0
+    (ws.root / "a.json").write_text('{"x": 2}\n')
+    backdate(ws.root, 3600)
+    report = ws.scan()
+    assert report.changed == 0 and report.hashed == 3  # the three others, touched by backdate: restamped
+    report = ws.scan()
+    assert report.changed == 0 and report.hashed == 0
+    assert ws.journal.doc_by_path("a.json") == known
+
+
+def test_a_file_journaled_elsewhere_during_the_walk_is_not_a_local_edit(ws: Workspace, monkeypatch):
+    """The stamps are read before the walk and the rows of what differs after it: a file another process
+    rewrites and journals in between (an apply) is compared with the later rows, so it is not hashed and not
+    taken for an edit made here."""
+    from syncengine.fsops import hash_file
+    from syncengine.journal import Journal
+
+    ws.scan()
+    journal = ws.journal
+    other = Journal.open(ws.layout.journal)  # the other process's own connection
+    doc_id = journal.doc_by_path("a.json").doc_id
+    read_stamps = journal.local_stamps
+
+    def stamps_then_an_apply_elsewhere():
+        stamps = read_stamps()
+        path = ws.root / "a.json"
+        tmp = ws.root / "a.json.new"
+        tmp.write_text('{"x": "from the server"}\n')
+        os.utime(tmp, (time.time() - 3600,) * 2)
+        os.replace(tmp, path)
+        digest, st = hash_file(path)
+        other.update_doc(doc_id, hash=digest, size=st.size, mtime_ns=st.mtime_ns, ctime_ns=st.ctime_ns,
+                         inode=st.inode, mode=st.mode)
+        return stamps
+
+    monkeypatch.setattr(journal, "local_stamps", stamps_then_an_apply_elsewhere)
+    try:
+        report = ws.scan()
+    finally:
+        other.close()
+    assert report.changed == 0 and report.hashed == 0 and report.files == 3
+    assert [e.op.value for e in ws.log()] == ["created"] * 3
+
+
 def test_unreadable_file_is_reported_and_scan_goes_on(ws: Workspace):
     """A file that cannot be read is reported; the others are still scanned; nothing is deleted."""
     (ws.root / "a.json").write_text('{"x": 3}\n')
