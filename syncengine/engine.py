@@ -14,9 +14,9 @@ import shutil
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from syncengine import history, scanner, workspace
-from syncengine.blobs import BlobStore
+from syncengine import scanner, workspace
 from syncengine.config import Config
 from syncengine.credentials import save_token
 from syncengine.errors import JournalDamaged, UsageError
@@ -38,6 +38,16 @@ from syncengine.models import (
     SyncInfo,
 )
 from syncengine.paths import IgnoreRules, check_path
+
+if TYPE_CHECKING:
+    from syncengine.blobs import BlobStore
+
+def _history():
+    """syncengine.history on first use: it loads the blob store's stack, which a no-op sync never needs."""
+    from syncengine import history
+
+    return history
+
 
 MAX_PARSE = 8 << 20  # status checks that pending documents parse up to this size ...
 MAX_PARSE_DOCS = 200  # ... and up to this many of them
@@ -155,6 +165,8 @@ class Workspace:
     @property
     def blobs(self) -> BlobStore:
         if self._blobs is None:
+            from syncengine.blobs import BlobStore  # the blob store's stack, loaded by what reads or writes blobs
+
             self._blobs = BlobStore(self.layout.objects)
         return self._blobs
 
@@ -220,7 +232,7 @@ class Workspace:
             pending_paths=tuple(pending[:200]),
             since_snapshot=journal.unsnapshotted_count(),
             conflicts=tuple(self.conflicts()),
-            last_snapshot=history.snapshot_info(snaps[0]) if snaps else None,
+            last_snapshot=_history().snapshot_info(snaps[0]) if snaps else None,
             sync=self._sync_info(stalled=True),
             scan=report,
             daemon=self.daemon_info(),
@@ -306,10 +318,10 @@ class Workspace:
         return SyncInfo(
             server=server,
             workspace=self.config.server.workspace or state["workspace"],
-            last_sync_at=history.iso(state["last_sync_at"]),
+            last_sync_at=_history().iso(state["last_sync_at"]),
             last_sync_ok=state["last_sync_ok"],
             last_error=state["last_error"],
-            unreachable_since=history.iso(state["unreachable_since"]),
+            unreachable_since=_history().iso(state["unreachable_since"]),
             guard=state["guard"],
             stalled=why,
         )
@@ -419,36 +431,36 @@ class Workspace:
         import json
 
         return [
-            ConflictInfo(c.get("id") or 0, c["path"], c["kind"], c["strategy"], history.iso(c.get("created_at")),
+            ConflictInfo(c.get("id") or 0, c["path"], c["kind"], c["strategy"], _history().iso(c.get("created_at")),
                          json.loads(c["details"]) if c.get("details") else None, c.get("copy_path"),
-                         history.iso(c.get("resolved_at")), c.get("resolution"))
+                         _history().iso(c.get("resolved_at")), c.get("resolution"))
             for c in rows
         ]
 
     # ------------------------------------------------------------ history
 
     def log(self, path: str | None = None, limit: int | None = 20) -> list[LogEntry]:
-        return history.log_entries(self.journal, path or None, limit)
+        return _history().log_entries(self.journal, path or None, limit)
 
     def snapshot(self, message: str | None = None, *, trigger: str = "manual",
                  skip_if_unchanged: bool = False) -> SnapshotInfo | None:
         """Scan, then record the current state of every file."""
         self.scan()
         with self.scan_lock.acquire(timeout=self.config.sync.wait):
-            info, _problems = history.take_snapshot(self.root, self.journal, self.blobs, message=message,
+            info, _problems = _history().take_snapshot(self.root, self.journal, self.blobs, message=message,
                                                     trigger=trigger, skip_if_unchanged=skip_if_unchanged)
         return info
 
     def snapshots(self, limit: int | None = None) -> list[SnapshotInfo]:
-        return history.list_snapshots(self.journal, limit)
+        return _history().list_snapshots(self.journal, limit)
 
     def restore(self, snapshot: str | int, paths: Iterable[str] = ()) -> RestoreReport:
         """Bring back a snapshot (whole, or some paths) after a safety snapshot."""
         journal = self.journal
-        sid = history.resolve_snapshot(journal, snapshot)
+        sid = _history().resolve_snapshot(journal, snapshot)
         safety = self.snapshot(f"before restoring snapshot {sid}", trigger="safety")
         with self.scan_lock.acquire(timeout=self.config.sync.wait):
-            report, problems = history.restore(self.root, journal, self.blobs, sid, paths,
+            report, problems = _history().restore(self.root, journal, self.blobs, sid, paths,
                                                safety_snapshot_id=safety.id if safety else None)
             changes, restamps, _ = scanner.detect(self.root, journal, self.ignore)
             journal.record_local(changes, restamps, origin="restore")
@@ -467,7 +479,7 @@ class Workspace:
         from syncengine import diffs
 
         self.scan()
-        snapshot_id = history.resolve_snapshot(self.journal, since) if since is not None else None
+        snapshot_id = _history().resolve_snapshot(self.journal, since) if since is not None else None
         return diffs.diff_workspace(self.root, self.journal, self.blobs, path or None, snapshot_id)
 
     def gc(self, keep: str | None = None):

@@ -19,11 +19,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from syncengine import applier, leftovers, scanner
-from syncengine import apply as applying
+from syncengine import leftovers, scanner
 from syncengine import pull as pulling
-from syncengine import push as pushing
-from syncengine.blobs import BlobStore
 from syncengine.conflicts import check_strategy
 from syncengine.errors import MassDeleteGuard, RootMissing, SyncEngineError
 from syncengine.fsops import failpoint
@@ -34,6 +31,8 @@ from syncengine.reconcile import Action, Do, reconcile
 from syncengine.remote import Remote
 
 if TYPE_CHECKING:
+    from syncengine.apply import Applied, Context
+    from syncengine.blobs import BlobStore
     from syncengine.engine import Workspace
 
 MAX_PASSES = 5
@@ -47,10 +46,12 @@ def plan_for(journal: Journal, rows: list[DocRow] | None = None) -> list[tuple[D
         rows = journal.unsettled()
     waiting = {c["doc_id"] for c in journal.open_conflicts()}
     plan = []
+    if rows:
+        from syncengine.apply import versions  # the apply stack, loaded only when a document is out of step
     for row in rows:
         if row.doc_id in waiting:
             continue
-        action = reconcile(*applying.versions(row))
+        action = reconcile(*versions(row))
         if action.do is not Do.NOTHING:
             plan.append((row, action))
     return plan
@@ -161,7 +162,9 @@ def _round(ws: Workspace, remote: Remote, strategy_for, pct: float, force: bool,
     pulled.save(journal)
     failpoint("sync.after_pull")
     problems += pulled.problems
-    ctx = applying.Context(ws.root, journal, ws.blobs, client_id, strategy_for, _newer(remote), progress=progress)
+    # The apply's context, and the apply and push modules, are loaded by the first pass that has
+    # something to apply or push: a no-op round never imports them (tests/test_cli_imports.py).
+    ctx: Context | None = None
     pushed_paths: list[str] = []
     uploaded = 0
     passes = 0
@@ -174,18 +177,27 @@ def _round(ws: Workspace, remote: Remote, strategy_for, pct: float, force: bool,
             raise MassDeleteGuard(reason, hint="check the files, then run `syncengine sync --force`")
         if passes == 1:
             journal.update_state(guard=None)
-        _fetch_blobs(ws, remote, plan, progress)
-        ctx.result.underfoot.clear()
-        applier.apply_plan(ctx, plan)
-        # What this pass merged is committed: publish it now, whatever the rest of the round does.
-        ws.publish_zones(ctx.result.touched, origin="merge")
-        ctx.result.touched.clear()
-        changed_underfoot = bool(ctx.result.underfoot) and passes < MAX_PASSES
-        if ctx.result.copies or changed_underfoot:
+        if ctx is not None:
+            ctx.result.underfoot.clear()
+        if plan:
+            from syncengine import applier
+            from syncengine import apply as applying
+
+            if ctx is None:
+                ctx = applying.Context(ws.root, journal, ws.blobs, client_id, strategy_for, _newer(remote),
+                                       progress=progress)
+            _fetch_blobs(ws, remote, plan, progress)
+            applier.apply_plan(ctx, plan)
+            # What this pass merged is committed: publish it now, whatever the rest of the round does.
+            ws.publish_zones(ctx.result.touched, origin="merge")
+            ctx.result.touched.clear()
+        copies = bool(ctx and ctx.result.copies)
+        changed_underfoot = bool(ctx and ctx.result.underfoot) and passes < MAX_PASSES
+        if copies or changed_underfoot:
             # Journal the conflict copies (pushed like any file) and the edits
             # that landed during the apply (decided again in the next pass).
             ws.scan()
-        if all(action.do is Do.PUSH for _row, action in plan) and not (ctx.result.copies or changed_underfoot):
+        if all(action.do is Do.PUSH for _row, action in plan) and not (copies or changed_underfoot):
             # Nothing was applied nor rescanned, so planning again (a tenth of a second
             # for a first push of 10,000) would find these same pushes.
             to_push = [row for row, _action in plan]
@@ -193,6 +205,12 @@ def _round(ws: Workspace, remote: Remote, strategy_for, pct: float, force: bool,
             to_push = [row for row, action in plan_for(journal) if action.do is Do.PUSH]
         if progress:
             progress("push", 0, len(to_push))
+        if not to_push:
+            if not changed_underfoot:
+                break
+            continue
+        from syncengine import push as pushing
+
         push_progress = (lambda n, t: progress("push", n, t)) if progress else None
         result = pushing.push(ws.root, journal, ws.blobs, remote, to_push, client_id=client_id,
                               batch=cfg.sync.batch, progress=push_progress)
@@ -210,15 +228,17 @@ def _round(ws: Workspace, remote: Remote, strategy_for, pct: float, force: bool,
     failpoint("sync.before_state")
     # A round that wrote nothing ends without writing either (no fsync): see Journal.record_sync_ok.
     journal.record_sync_ok(time.time_ns(), quiet=journal.writes == writes)
-    applied = ctx.result
-    problems += applied.problems
+    applied: Applied | None = ctx.result if ctx is not None else None
+    if applied is not None:
+        problems += applied.problems
     return SyncReport(
         server=remote_url(ws), workspace=ws.config.server.workspace, dry_run=False, pulled=entries,
-        full_listing=pulled.full, downloaded=tuple(applied.downloaded), deleted=tuple(applied.deleted),
-        moved=tuple(applied.moved), pushed=tuple(pushed_paths), uploaded=uploaded,
-        conflicts=tuple(ws.conflict_infos(applied.resolved)), open_conflicts=len(journal.open_conflicts()),
-        copies=tuple(applied.copies), problems=tuple(problems), scan=scan, passes=passes,
-        seconds=round(time.monotonic() - started, 3))
+        full_listing=pulled.full, downloaded=tuple(applied.downloaded) if applied else (),
+        deleted=tuple(applied.deleted) if applied else (), moved=tuple(applied.moved) if applied else (),
+        pushed=tuple(pushed_paths), uploaded=uploaded,
+        conflicts=tuple(ws.conflict_infos(applied.resolved)) if applied else (),
+        open_conflicts=len(journal.open_conflicts()), copies=tuple(applied.copies) if applied else (),
+        problems=tuple(problems), scan=scan, passes=passes, seconds=round(time.monotonic() - started, 3))
 
 
 def _check_root(ws: Workspace) -> None:

@@ -22,6 +22,9 @@ from tests.helpers import REPO, cli_env
 # The server's (its PostgreSQL driver included), the daemon's, the terminal's and the config writer's stacks.
 NEVER_FOR_A_CLIENT = ("fastapi", "uvicorn", "starlette", "psycopg2", "watchdog", "websockets", "deepdiff", "ruamel",
                       "rich", "tomlkit")
+# What a round loads only when it has something to apply or push (and status only to show a snapshot).
+NOT_FOR_A_NO_OP = ("syncengine.apply", "syncengine.applier", "syncengine.staging", "syncengine.push",
+                   "syncengine.history")
 COMMAND_MODULES = ("cli.workspace_cmds", "cli.sync_cmds", "cli.history", "cli.conflict_cmds", "cli.server_cmds",
                    "cli.daemon_cmds")
 
@@ -153,6 +156,8 @@ def test_a_no_op_sync_writes_nothing_durable_and_still_records_its_time(tmp_path
     code, modules, out = run_probe(tmp_path, "-C", replica.root, "sync", TTY_COMPATIBLE="")
     assert code == 0 and "nothing to do" in out
     assert not _tops(modules) & {*NEVER_FOR_A_CLIENT, "pathspec"}  # a person's one line on a pipe: no rich
+    # Nothing to apply nor push: the apply, push and history stacks stay unloaded.
+    assert not modules & set(NOT_FOR_A_NO_OP), sorted(modules & set(NOT_FOR_A_NO_OP))
     assert _state_files(replica.root) == before
     assert replica.rows("SELECT last_seq, last_sync_at FROM sync_state") == stored
     shown = replica.status().sync.last_sync_at
