@@ -83,3 +83,28 @@ def test_events_live_in_their_own_database(sample_tree: Path):
     state = sample_tree / ".syncengine"
     journal_tables, events_tables = _tables(state / "journal.db"), _tables(state / "events.db")
     assert journal_tables and events_tables and not journal_tables & events_tables
+
+
+def test_one_batch_that_deletes_a_file_and_creates_it_again_is_one_document(tmp_path: Path):
+    """record_local sends its row updates in runs, but before any query that must see them: a deletion and a
+    creation of the same path in one batch (how some editors save) keep the document, beside an edit of another."""
+    from syncengine.journal import Journal
+    from syncengine.models import LocalChange, Op
+
+    journal = Journal.open(tmp_path / "journal.db")
+    try:
+        stamp = {"size": 3, "mtime_ns": 1, "ctime_ns": 1, "inode": 7, "mode": 0o644}
+        journal.record_local([LocalChange(Op.CREATED, name, hash=name[0] * 64, kind="text", **stamp)
+                              for name in ("a.md", "b.md")])
+        a, b = journal.doc_by_path("a.md"), journal.doc_by_path("b.md")
+        journal.update_doc(a.doc_id, base_path="a.md", base_rev=1, base_hash=a.hash)
+        journal.record_local([
+            LocalChange(Op.MODIFIED, "b.md", hash="c" * 64, doc_id=b.doc_id, kind="text", **stamp),
+            LocalChange(Op.DELETED, "a.md", doc_id=a.doc_id, kind="text"),
+            LocalChange(Op.CREATED, "a.md", hash="d" * 64, kind="text", **{**stamp, "inode": 8}),
+        ])
+        assert journal.doc_by_path("a.md").doc_id == a.doc_id and journal.doc_by_path("a.md").hash == "d" * 64
+        assert journal.doc_by_path("b.md").hash == "c" * 64
+        assert journal.count_present() == 2
+    finally:
+        journal.close()
