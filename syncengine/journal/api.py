@@ -100,7 +100,29 @@ def _migration_1(db: pw.Database) -> None:
     db.create_tables(models.all)
 
 
-MIGRATIONS = [_migration_1]
+# Documents not in step (see Journal.unsettled). IS, not =: every comparison
+# must be true or false, never NULL, or a row with a NULL column would
+# silently drop out of the sync.
+_CLEAN = ("(base_rev IS NOT NULL AND remote_rev IS base_rev AND ("
+          " (hash IS NULL AND base_hash IS NULL) OR"
+          " (hash IS NOT NULL AND path IS base_path AND hash IS base_hash"
+          "  AND (mode & 64) IS (base_mode & 64))))")
+_GONE = "(path IS NULL AND base_rev IS NULL AND remote_rev IS NULL)"
+UNSETTLED = f"NOT {_CLEAN} AND NOT {_GONE}"
+
+
+def _migration_2(db: pw.Database) -> None:
+    """A partial index of the unsettled documents, ordered by id.
+
+    Every round reads them; without it that read evaluated the predicate on
+    every row (22 ms on 50,000 in sync, every round, no-op or not); with it
+    it reads only the rows out of step. SQLite uses it when a query's WHERE
+    holds this same text, as Journal.unsettled's does.
+    """
+    db.execute_sql(f"CREATE INDEX document_unsettled ON document (id) WHERE {UNSETTLED}")
+
+
+MIGRATIONS = [_migration_1, _migration_2]
 
 
 def _translated(method):
@@ -586,17 +608,8 @@ class Journal:
         workspace reads nothing it does not need (cost grows with changes).
         """
         D = self.m.Document
-        # IS, not =: every comparison must be true or false, never NULL, or a
-        # row with a NULL column would silently drop out of the sync.
-        clean = pw.SQL(
-            "(base_rev IS NOT NULL AND remote_rev IS base_rev AND ("
-            " (hash IS NULL AND base_hash IS NULL) OR"
-            " (hash IS NOT NULL AND path IS base_path AND hash IS base_hash"
-            "  AND (mode & 64) IS (base_mode & 64))))"
-        )
-        gone = pw.SQL("(path IS NULL AND base_rev IS NULL AND remote_rev IS NULL)")
-        query = self._doc_select().where(pw.NodeList((pw.SQL("NOT"), clean, pw.SQL("AND NOT"), gone)))
-        return self._rows(query.order_by(D.id))
+        # The partial index document_unsettled (migration 2) answers this WHERE.
+        return self._rows(self._doc_select().where(pw.SQL(UNSETTLED)).order_by(D.id))
 
     @_translated
     def docs_by_ids(self, doc_ids: Iterable[str]) -> dict[str, DocRow]:
