@@ -146,3 +146,18 @@ def test_the_unsettled_documents_are_read_through_their_partial_index(tmp_path: 
         assert any("USING INDEX document_unsettled" in step[-1] for step in plan), plan
     finally:
         journal.close()
+
+
+def test_the_journal_is_read_through_a_memory_map(tmp_path: Path):
+    """Every scan reads every document's stamps; through a map a fresh process reads the table's pages without
+    a pread each. Writes still go through the WAL, synchronous=FULL."""
+    from syncengine.journal import Journal
+    from syncengine.journal.api import JOURNAL_MMAP
+
+    journal = Journal.open(tmp_path / "journal.db")
+    try:
+        assert journal.db.execute_sql("PRAGMA mmap_size").fetchone()[0] == JOURNAL_MMAP > 0
+        assert journal.db.execute_sql("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert journal.db.execute_sql("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    finally:
+        journal.close()

@@ -123,6 +123,7 @@ def _migration_2(db: pw.Database) -> None:
 
 
 MIGRATIONS = [_migration_1, _migration_2]
+JOURNAL_MMAP = 1 << 30  # address space only: pages are mapped as they are read
 
 
 def _translated(method):
@@ -148,7 +149,9 @@ class Journal:
 
     @classmethod
     def open(cls, path: Path) -> Journal:
-        db = open_sqlite(path, synchronous="FULL")
+        # Every scan reads every document's stamps: through a map, a no-op scan of 50,000 files
+        # in a fresh process no longer makes ~10,000 pread calls for the table's pages.
+        db = open_sqlite(path, synchronous="FULL", mmap=JOURNAL_MMAP)
         journal = cls(path, db)
         migrate(db, MIGRATIONS, path)
         with translate(path):
