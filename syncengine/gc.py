@@ -10,7 +10,6 @@ reference a blob it has just stored.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 
@@ -38,20 +37,15 @@ def collect(journal: Journal, blobs: BlobStore, *, keep_seconds: float, keep_las
     if kept and len(kept) < len(rows):
         dropped = journal.fold_snapshots(min(r[0] for r in kept))
     needed = journal.referenced_hashes()
-    deleted = freed = 0
     grace = now - GRACE_SECONDS
-    for digest in list(blobs.iter_digests()):
-        if digest in needed:
-            continue
-        path = blobs.path(digest)
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            continue
-        if st.st_mtime > grace:
-            continue
-        blobs.delete(digest)
-        deleted += 1
-        freed += st.st_size
+    # name -> (latest store time, bytes) over its copies: an older store may hold a small
+    # blob both as a file and in the table, and it goes only when neither copy is young.
+    found: dict[str, tuple[float, int]] = {}
+    for digest, stored_at, size in blobs.iter_stamped():
+        if digest not in needed:
+            latest, total = found.get(digest, (stored_at, 0))
+            found[digest] = (max(latest, stored_at), total + size)
+    doomed = [digest for digest, (stored_at, _size) in found.items() if stored_at <= grace]
+    blobs.delete_many(doomed)
     blobs.clean_tmp()
-    return GcReport(dropped, len(rows) - dropped, deleted, freed)
+    return GcReport(dropped, len(rows) - dropped, len(doomed), sum(found[d][1] for d in doomed))

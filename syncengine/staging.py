@@ -108,8 +108,10 @@ def _write_all(ctx: Context, items: list[tuple[DocRow, Action]]) -> list[Path]:
         try:
             # Small files only: a large one gains nothing from sharing a write-back,
             # and many staged at once would hold their new bytes beside the old.
-            size = os.stat(ctx.blobs.path(digest)).st_size
+            size = ctx.blobs.stored_size(digest)
         except OSError:
+            size = None
+        if size is None:
             continue  # not in the store as one blob: the action reports or handles it
         if size > MAX_FILE or size > budget:
             continue

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from syncengine import Workspace
-from syncengine.blobs import BlobStore
+from syncengine.blobs import SMALL, BlobStore
 from syncengine.errors import HashMismatch
-from tests.helpers import run_cli
+from tests.helpers import REPO, cli_env, run_cli
 
-TEXT = b'{"zones": [' + b'{"id": "z1", "text": "total"}, ' * 400 + b"{}]}\n"
+TEXT = b'{"zones": [' + b'{"id": "z1", "text": "total"}, ' * 400 + b"{}]}\n"  # 12 KB: a small blob
+LARGE_TEXT = TEXT * 4  # 48 KB: a file
 
 
 @pytest.fixture
@@ -21,39 +25,83 @@ def store(tmp_path: Path) -> BlobStore:
     return BlobStore(tmp_path / "objects")
 
 
-def test_a_blob_is_named_by_the_sha256_of_its_bytes_and_reads_back_exactly(store: BlobStore):
-    digest = store.put_bytes(TEXT)
-    assert digest == hashlib.sha256(TEXT).hexdigest()
-    assert store.path(digest) == store.dir / digest[:2] / digest[2:] and store.has(digest)
-    assert store.get(digest) == TEXT and store.size(digest) == len(TEXT)
-    assert store.put_stream([TEXT[:100], TEXT[100:]]) == digest  # same bytes, same blob
+def _stored(store: BlobStore, digest: str) -> bytes:
+    """A blob's stored form (header + bytes), wherever it lives."""
+    found = store.small.get(digest)
+    return store.path(digest).read_bytes() if found is None else found
+
+
+def _overwrite(store: BlobStore, digest: str, data: bytes) -> None:
+    """Rot on disk: the stored form replaced behind the store's back."""
+    if store.small.has(digest):
+        with sqlite3.connect(store.small.path) as con:
+            con.execute("UPDATE blob SET data = ? WHERE digest = ?", (data, digest))
+        con.close()
+    else:
+        store.path(digest).write_bytes(data)
+
+
+@pytest.mark.parametrize("data", [TEXT, LARGE_TEXT, os.urandom(SMALL), os.urandom(SMALL + 1)],
+                         ids=["small", "large", "small-raw", "large-raw"])
+def test_a_blob_is_named_by_the_sha256_of_its_bytes_and_reads_back_exactly(store: BlobStore, data: bytes):
+    """Up to SMALL bytes a blob is a row of small.db, above it a file objects/ab/cdef; either reads back."""
+    digest = store.put_bytes(data)
+    assert digest == hashlib.sha256(data).hexdigest() and store.has(digest)
+    assert store.small.has(digest) == (len(data) <= SMALL) and store.path(digest).exists() == (len(data) > SMALL)
+    assert store.path(digest) == store.dir / digest[:2] / digest[2:]
+    assert store.get(digest) == data and store.size(digest) == len(data)
+    assert store.stored_size(digest) == len(_stored(store, digest))
+    assert store.put_stream([data[:100], data[100:]]) == digest  # same bytes, same blob
+    assert store.put_many([data]) == [digest] and list(store.iter_digests()) == [digest]
     assert store.put_bytes(b"") == hashlib.sha256(b"").hexdigest() and store.get(hashlib.sha256(b"").hexdigest()) == b""
+    assert list(store.tmp.iterdir()) == []
 
 
 def test_documents_are_stored_compressed_and_media_raw(store: BlobStore):
     """Text compresses; random bytes are kept raw (reads skip the inflate), both read back exactly."""
-    text = store.put_bytes(TEXT)
-    assert store.path(text).stat().st_size < len(TEXT) // 5
+    for text in (TEXT, LARGE_TEXT):
+        digest = store.put_bytes(text)
+        assert store.stored_size(digest) < len(text) // 5 and store.get(digest) == text
     noise = os.urandom(64 * 1024)
     raw = store.put_bytes(noise)
     assert store.path(raw).read_bytes()[:5] == b"SEB1r" and store.get(raw) == noise
+    small_noise = os.urandom(8192)
+    raw = store.put_bytes(small_noise)
+    assert store.small.get(raw)[:5] == b"SEB1r" and store.get(raw) == small_noise
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "header", "flip-raw"])
+def test_a_store_written_before_the_table_is_read_as_it_was(store: BlobStore):
+    """An older store kept small blobs as files: they are found, read, listed and deleted like the table's."""
+    digest = hashlib.sha256(TEXT).hexdigest()
+    store.path(digest).parent.mkdir()
+    store.path(digest).write_bytes(b"SEB1r" + TEXT)
+    other = store.put_bytes(b"stored now")
+    assert store.has(digest) and not store.small.has(digest) and store.get(digest) == TEXT
+    assert store.stored_at(digest) == store.path(digest).stat().st_mtime
+    assert sorted(store.iter_digests()) == sorted([digest, other])
+    assert store.put_many([TEXT]) == [digest] and store.small.has(digest)  # stored again: now in the table too
+    assert list(store.iter_digests()).count(digest) == 1
+    store.delete(digest)
+    assert not store.has(digest) and not store.path(digest).exists() and list(store.iter_digests()) == [other]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "header", "flip-raw", "flip-large", "flip-large-raw"])
 def test_a_damaged_blob_is_reported_never_served(store: BlobStore, damage: str):
-    """Every read re-hashes: a flipped bit, a cut file or a foreign header raises HashMismatch, and the
-    damaged copy is set aside so the store heals (it never did: the same bytes stored again found the name taken)."""
-    original = os.urandom(8192) if damage == "flip-raw" else TEXT
+    """Every read re-hashes: a flipped bit, a cut blob or a foreign header raises HashMismatch, and the
+    damaged copy is set aside so the store heals (it never did: the same bytes stored again found the name taken).
+    Small blobs (rows of small.db) and large ones (files) alike."""
+    original = {"flip-raw": os.urandom(8192), "flip-large": LARGE_TEXT, "flip-large-raw": os.urandom(SMALL * 2)}
+    original = original.get(damage, TEXT)
     digest = store.put_bytes(original)
-    path = store.path(digest)
-    data = bytearray(path.read_bytes())
-    if damage in ("flip", "flip-raw"):
+    assert store.small.has(digest) == ("large" not in damage)
+    data = bytearray(_stored(store, digest))
+    if damage.startswith("flip"):
         data[len(data) // 2] ^= 0x01
     elif damage == "truncate":
         del data[len(data) // 2 :]
     else:
         data[:4] = b"XXXX"
-    path.write_bytes(bytes(data))
+    _overwrite(store, digest, bytes(data))
     with pytest.raises(HashMismatch):
         store.get(digest)
     # ... and the store heals: the damaged copy is set aside, the same bytes stored again read back.
@@ -95,12 +143,59 @@ def test_restore_from_a_damaged_blob_leaves_the_file_alone(sample_ws: Workspace)
     root = sample_ws.root
     snap = sample_ws.snapshot()
     digest = sample_ws.journal.doc_by_path("notes/todo.md").hash
-    path = sample_ws.blobs.path(digest)
-    data = bytearray(path.read_bytes())
+    data = bytearray(_stored(sample_ws.blobs, digest))
     data[-3] ^= 0xFF
-    path.write_bytes(bytes(data))
+    _overwrite(sample_ws.blobs, digest, bytes(data))
     (root / "notes" / "todo.md").write_text("changed\n")
     sample_ws.close()
     result = run_cli("-C", root, "restore", str(snap.id), "notes/todo.md")
     assert result.code == 8 and result.stderr.count("\n") == 1 and "damaged" in result.stderr
     assert (root / "notes" / "todo.md").read_bytes() == b"changed\n"
+
+
+_WRITER = """
+import sys
+from pathlib import Path
+from syncengine.blobs import BlobStore
+store, me = BlobStore(Path(sys.argv[1])), sys.argv[2].encode()
+for batch in range(20):
+    shared = [b'{"shared": %d}' % (batch * 50 + i) for i in range(25)]
+    own = [b'{"by": "%s", "n": %d}' % (me, batch * 50 + i) for i in range(25)]
+    results = store.put_many(shared + own)
+    assert all(isinstance(r, str) for r in results), results
+    assert all(store.get(r) for r in results)
+print("done")
+"""
+
+
+def test_two_processes_write_one_store_at_once(tmp_path: Path):
+    """The CLI and the daemon share a store: two writers of overlapping batches both succeed (each waits for
+    the other's commit instead of failing), and every blob either stored reads back whole."""
+    objects = tmp_path / "objects"
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(objects), me], cwd=REPO, env=cli_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for me in ("a", "b")]
+    outs = [proc.communicate(timeout=120) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outs
+    store = BlobStore(objects)
+    names = list(store.iter_digests())
+    assert len(names) == 20 * 25 * 3 and all(hashlib.sha256(store.get(n)).hexdigest() == n for n in names)
+
+
+def test_two_stores_on_one_folder_in_one_process_see_each_others_blobs(tmp_path: Path):
+    """A second BlobStore (another thread's, another Workspace) reads what the first committed at once."""
+    first, second = BlobStore(tmp_path / "objects"), BlobStore(tmp_path / "objects")
+    assert not second.has(hashlib.sha256(b"x").hexdigest())  # before small.db exists
+    digest = first.put_bytes(b"x")
+    assert second.has(digest) and second.get(digest) == b"x"
+    first.close()
+    assert first.get(digest) == b"x"  # closing only drops the connection; the next use reopens it
+
+
+def test_a_batch_goes_in_row_by_row_where_sqlite_has_no_json_each(store: BlobStore):
+    """One statement per batch needs SQLite's JSON functions (built in since 3.38); without them, one per row."""
+    docs = [b'{"n": %d}' % i for i in range(30)]
+    first = store.put_many(docs[:10])
+    store.small._one_step = False  # as _open finds it on an SQLite without json_each
+    assert store.put_many(docs) == [hashlib.sha256(d).hexdigest() for d in docs] and first == store.put_many(docs[:10])
+    assert sorted(store.iter_digests()) == sorted(hashlib.sha256(d).hexdigest() for d in docs)
+    assert all(store.get(hashlib.sha256(d).hexdigest()) == d for d in docs)

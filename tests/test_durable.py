@@ -12,13 +12,15 @@ from pathlib import Path
 import pytest
 
 from syncengine import durable
-from syncengine.blobs import BlobStore
+from syncengine.blobs import SMALL, BlobStore
 from syncengine.errors import FileSystemError, HashMismatch
 from syncengine.fsops import inject_fault
 from tests.helpers import REPO, cli_env
 
 DOCS = [b'{"id": %d, "text": "%s"}\n' % (i, b"total " * (i % 50)) for i in range(40)]
 NOISE = os.urandom(8192)  # incompressible and over 4 KiB: stored raw
+# Over SMALL: files objects/ab/cdef written, made durable together, renamed
+LARGE = [b'{"id": %d, "text": "%s"}\n' % (i, os.urandom(SMALL // 2).hex().encode()) for i in range(8)]
 
 
 @pytest.fixture
@@ -89,16 +91,21 @@ def test_a_file_on_another_file_system_is_made_durable_too(tmp_path, durability)
 
 
 def test_put_many_stores_every_item_under_its_name(store, durability):
-    """Larger documents compressed, media and one-block documents raw, a repeat and an already stored blob."""
+    """Larger documents compressed, media and one-block documents raw, a repeat and an already stored blob;
+    small ones in the table, large ones as files, in one call."""
     already = store.put_bytes(DOCS[0])
+    large_file = store.put_bytes(LARGE[1])
     large = b'{"text": "%s"}' % (b"total " * 1000)
-    items = [*DOCS, NOISE, DOCS[3], large]
+    big_noise = os.urandom(SMALL + 1)
+    items = [*DOCS, NOISE, DOCS[3], large, *LARGE[:3], big_noise]
     results = store.put_many(items)
     assert results == [hashlib.sha256(d).hexdigest() for d in items]
-    assert results[0] == already
-    assert store.path(results[-3]).read_bytes()[:5] == b"SEB1r" and store.get(results[-3]) == NOISE
-    assert store.path(results[5]).read_bytes()[:5] == b"SEB1r"  # fits one 4 KiB block: deflate buys nothing
-    assert store.path(results[-1]).read_bytes()[:5] == b"SEB1z" and store.get(results[-1]) == large
+    assert results[0] == already and results[-3] == large_file
+    assert store.small.get(results[40])[:5] == b"SEB1r" and store.get(results[40]) == NOISE
+    assert store.small.get(results[5])[:5] == b"SEB1r"  # fits one 4 KiB block: deflate buys nothing
+    assert store.small.get(results[42])[:5] == b"SEB1z" and store.get(results[42]) == large
+    assert store.path(results[-2]).read_bytes()[:5] == b"SEB1z" and store.get(results[-2]) == LARGE[2]
+    assert store.path(results[-1]).read_bytes()[:5] == b"SEB1r" and store.get(results[-1]) == big_noise
     assert sorted(_verified(store)) == sorted(set(results)) and list(store.tmp.iterdir()) == []
 
 
@@ -110,31 +117,41 @@ def test_put_many_reports_a_mismatch_for_that_item_only(store, durability):
     assert not store.has("ab" * 32) and sorted(_verified(store)) == sorted([expect[0], expect[2]])
 
 
-@pytest.mark.parametrize("nth", [2, len(DOCS) + 1], ids=["temp-write", "rename"])
-def test_a_full_disk_fails_one_item_and_the_others_are_stored(store, durability, nth):
-    """ENOSPC on one item's temp file or on its rename: that item fails as "Disk full", the rest are kept."""
+@pytest.mark.parametrize("items,nth,fails", [(DOCS, 2, 1), (LARGE, 2, 1), (LARGE, len(LARGE) + 1, 0)],
+                         ids=["small", "large-temp-write", "large-rename"])
+def test_a_full_disk_fails_one_item_and_the_others_are_stored(store, durability, items, nth, fails):
+    """ENOSPC on one item's row or temp file, or on its rename: that item fails as "Disk full", the rest are kept."""
     with inject_fault("store", nth, errno.ENOSPC):
-        results = store.put_many(DOCS)
+        results = store.put_many(items)
     failed = [i for i, r in enumerate(results) if isinstance(r, Exception)]
-    assert failed == [nth - 1 if nth == 2 else 0]
-    assert isinstance(results[failed[0]], FileSystemError) and results[failed[0]].title == "Disk full"
+    assert failed == [fails]
+    assert isinstance(results[fails], FileSystemError) and results[fails].title == "Disk full"
     stored = [r for r in results if isinstance(r, str)]
-    assert sorted(_verified(store)) == sorted(stored) and len(stored) == len(DOCS) - 1
+    assert sorted(_verified(store)) == sorted(stored) and len(stored) == len(items) - 1
     assert list(store.tmp.iterdir()) == []
 
 
-def test_a_failed_write_back_names_nothing(store, durability):
-    """If the shared write-back fails, no item of the batch is renamed: none of their bytes is known to be on disk."""
+@pytest.mark.parametrize("items", [DOCS[:5], LARGE[:5], [*DOCS[:3], *LARGE[:2]]], ids=["small", "large", "mixed"])
+def test_a_failed_write_back_names_nothing(store, durability, items):
+    """If the shared commit or write-back fails, no item it covered is named: none of their bytes is known to be
+    on disk. In a mixed batch the table's commit comes first: its failure leaves the large ones to go on."""
     with inject_fault("sync", 1, errno.EIO):
-        results = store.put_many(DOCS[:5])
-    assert all(isinstance(r, FileSystemError) and r.title == "I/O error" for r in results)
-    assert list(store.iter_digests()) == [] and list(store.tmp.iterdir()) == []
+        results = store.put_many(items)
+    small = [r for d, r in zip(items, results, strict=True) if len(d) <= SMALL]
+    large = [r for d, r in zip(items, results, strict=True) if len(d) > SMALL]
+    if small:
+        assert all(isinstance(r, FileSystemError) and r.title == "I/O error" for r in small)
+        assert all(isinstance(r, str) for r in large)
+    else:
+        assert all(isinstance(r, FileSystemError) and r.title == "I/O error" for r in large)
+    assert sorted(store.iter_digests()) == sorted(r for r in results if isinstance(r, str))
+    assert list(store.tmp.iterdir()) == []
 
 
 def test_a_failed_write_back_of_the_renames_fails_the_items_but_leaves_them_whole(store, durability):
     """The renames' write-back failing: the caller must commit nothing naming them, yet each named blob is whole."""
     with inject_fault("sync", 2, errno.EIO):
-        results = store.put_many(DOCS[:5])
+        results = store.put_many(LARGE[:5])
     assert all(isinstance(r, FileSystemError) for r in results)
     assert len(_verified(store)) == 5 and list(store.tmp.iterdir()) == []
 
@@ -142,24 +159,28 @@ def test_a_failed_write_back_of_the_renames_fails_the_items_but_leaves_them_whol
 _KILLED = """
 import sys
 from pathlib import Path
-from syncengine.blobs import BlobStore
-docs = [b'{"id": %d, "text": "%s"}' % (i, b"word " * i) for i in range(50)]
+from syncengine.blobs import SMALL, BlobStore
+size = SMALL if sys.argv[2] == "small" else SMALL * 2
+docs = [(b'{"id": %d, "text": "' % i).ljust(size - 2, b"w") + b'"}' for i in range(50)]
 BlobStore(Path(sys.argv[1])).put_many(docs)
 """
 
 
+@pytest.mark.parametrize("size", ["small", "large"])
 @pytest.mark.parametrize("point,named", [("blobs.after_temp", 0), ("blobs.after_rename", 50)])
-def test_a_kill_between_phases_never_leaves_a_named_partial_blob(tmp_path, point, named):
-    """SIGKILL after the temp files or after the renames: every named blob verifies, and clean_tmp clears the rest."""
+def test_a_kill_between_phases_never_leaves_a_named_partial_blob(tmp_path, point, named, size):
+    """SIGKILL inside the table's transaction (or after the temp files), or after its commit (or the renames):
+    every named blob verifies, and clean_tmp clears the rest."""
     objects = tmp_path / "objects"
-    proc = subprocess.run([sys.executable, "-c", _KILLED, str(objects)], cwd=REPO, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", _KILLED, str(objects), size], cwd=REPO, capture_output=True,
                           env=cli_env(SYNCENGINE_FAILPOINT=point), timeout=60)
     assert proc.returncode == -9, proc.stderr
     store = BlobStore(objects)
     assert len(_verified(store)) == named
-    assert len(list(store.tmp.iterdir())) == 50 - named
+    assert len(list(store.tmp.iterdir())) == (0 if size == "small" else 50 - named)
     store.clean_tmp()
     assert list(store.tmp.iterdir()) == []
+    assert len(store.put_many([b"after the kill"])) == 1 and len(_verified(store)) == named + 1  # the store works on
 
 
 @pytest.mark.integration
