@@ -28,12 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from syncengine.errors import UsageError
+from syncengine.errors import BusyError, UsageError
 from syncengine.paths import casefold_key
 from syncengine.protocol import CommitItem, CommitResult, CurrentDoc, check_workspace
 from syncengine.server.db import is_postgres, make_models, migrate, open_database, translated
 
 _ZLIB_LEVEL = 1
+_BUSY_TIMEOUT = 30.0  # seconds a writer waits for another, as the connections' busy_timeout
 _BLOB_HASHES = 'SELECT "hash" FROM "blob" WHERE "workspace_id" = {q} AND "hash" IN ({in_})'
 
 
@@ -254,7 +255,7 @@ class Storage:
         # IMMEDIATE. Left to SQLite, a writer that finds the database locked
         # polls it with sleeps of 1, 2, 5, 10, 15... ms: a commit arriving
         # during a pack's transaction waited up to ~15 ms past its end.
-        queue = self._writers if write and not self.postgres else contextlib.nullcontext()
+        queue = self._queued() if write and not self.postgres else contextlib.nullcontext()
         with translated(), queue, self.db.connection_context():
             if self.postgres:
                 atomic = self.db.atomic(isolation_level=None if write else "REPEATABLE READ")
@@ -262,6 +263,16 @@ class Storage:
                 atomic = self.db.atomic(lock_type="IMMEDIATE" if write else "DEFERRED")
             with atomic:
                 yield
+
+    @contextlib.contextmanager
+    def _queued(self) -> Iterator[None]:
+        """Hold this process's writer lock, or give up as SQLite's busy_timeout would (a 503)."""
+        if not self._writers.acquire(timeout=_BUSY_TIMEOUT):
+            raise BusyError("the server database is busy: a write transaction held it too long")
+        try:
+            yield
+        finally:
+            self._writers.release()
 
     def _read(self) -> contextlib.AbstractContextManager[None]:
         """A read transaction: one snapshot for every query in it."""

@@ -176,3 +176,34 @@ def test_two_server_processes_on_one_postgresql_order_one_workspace(pg_dsn):
         finally:
             for api in apis:
                 api.close()
+
+
+def test_sqlite_writers_of_one_process_queue_and_a_stuck_one_makes_the_next_busy(tmp_path, monkeypatch):
+    """Writers wait on the process's own lock (no busy polling); past the busy timeout, BusyError (a 503)."""
+    import syncengine.server.storage as storage_module
+    from syncengine.errors import BusyError
+
+    storage = Storage(data_dir=tmp_path)
+    try:
+        ws = storage.ensure_workspace("w")
+        digest = "ab" * 32
+        storage.put_prepared_blobs(ws, [(digest, 1, False, b"x")])
+        held, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with storage._write():
+                held.set()
+                release.wait(10)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        held.wait(10)
+        monkeypatch.setattr(storage_module, "_BUSY_TIMEOUT", 0.2)
+        with pytest.raises(BusyError):
+            storage.commit(ws, "c1", [item("d1", "a.txt", None, digest)])
+        release.set()
+        holder.join()
+        outcome = storage.commit(ws, "c1", [item("d1", "a.txt", None, digest)])
+        assert outcome.applied == 1
+    finally:
+        storage.close()
