@@ -653,8 +653,23 @@ class ErrorBody:
 
 @dataclass(frozen=True, slots=True)
 class PackEntry:
+    """One blob of a pack: its hash and size, and ``deflated`` when it travels zlib-compressed.
+
+    ``deflated`` is the length of its zlib stream (RFC 1950) in the pack,
+    less than ``size``: the client compresses each blob of an upload that
+    compresses, and the server stores those bytes as they came (it checks
+    they inflate to exactly ``size`` bytes of the right hash first), so no
+    blob is deflated twice. Download packs carry blobs as they are.
+    """
+
     hash: str
     size: int
+    deflated: int | None = None
+
+    @property
+    def length(self) -> int:
+        """The bytes it takes in the pack."""
+        return self.size if self.deflated is None else self.deflated
 
 
 @dataclass(frozen=True, slots=True)
@@ -677,7 +692,8 @@ class PackHeader:
 
     def encode(self) -> bytes:
         body: dict[str, Any] = {
-            "blobs": [[b.hash, b.size] for b in self.blobs],
+            "blobs": [[b.hash, b.size] if b.deflated is None else [b.hash, b.size, b.deflated]
+                      for b in self.blobs],
             "missing": list(self.missing),
             "large": list(self.large),
             "deferred": list(self.deferred),
@@ -700,13 +716,13 @@ class PackHeader:
         for i, entry in enumerate(_list(d, "blobs", MAX_HASHES)):
             if (
                 not isinstance(entry, list)
-                or len(entry) != 2
-                or not isinstance(entry[1], int)
-                or isinstance(entry[1], bool)
+                or len(entry) not in (2, 3)
+                or any(type(n) is not int for n in entry[1:])
                 or not 0 <= entry[1] <= MAX_PACK_BYTES
+                or (len(entry) == 3 and not 0 < entry[2] < entry[1])
             ):
-                raise ProtocolError(f"blobs[{i}] must be [sha256, size]")
-            blobs.append(PackEntry(check_hash(entry[0], f"blobs[{i}]"), entry[1]))
+                raise ProtocolError(f"blobs[{i}] must be [sha256, size] or [sha256, size, deflated < size]")
+            blobs.append(PackEntry(check_hash(entry[0], f"blobs[{i}]"), *entry[1:]))
         opt = {
             k: hash_list(d, k) if k in d else ()
             for k in ("missing", "large", "deferred", "manifests")

@@ -18,6 +18,7 @@ import json
 import logging
 import tempfile
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -316,7 +317,7 @@ def create_app(
         ws_id = await auth(request, ws)
         reader = _BodyReader(request.stream().__aiter__())
         header = _validated(p.PackHeader.decode, await reader.line(p.MAX_PACK_HEADER))
-        blobs: list[tuple[str, bytes]] = []
+        blobs: list[tuple[p.PackEntry, bytes]] = []
         for entry in header.blobs:
             if entry.size > p.SMALL_BLOB:
                 raise ApiError(
@@ -324,18 +325,12 @@ def create_app(
                     "bad_request",
                     f"blob {entry.hash[:12]} is over {p.SMALL_BLOB} bytes; PUT it",
                 )
-            data = await reader.exactly(entry.size)
-            if hashlib.sha256(data).hexdigest() != entry.hash:
-                raise ApiError(
-                    400,
-                    "hash_mismatch",
-                    f"blob {entry.hash[:12]} does not hash to its name; nothing stored",
-                )
-            blobs.append((entry.hash, data))
+            blobs.append((entry, await reader.exactly(entry.length)))
         if not await reader.at_end():
             raise ApiError(400, "bad_request", "pack is longer than its header says")
+        # Checked and stored on a worker thread: the event loop goes on reading commits.
         await run_in_threadpool(_store_small, storage, ws_id, blobs)
-        return JSONResponse({"stored": list(dict.fromkeys(h for h, _ in blobs))})
+        return JSONResponse({"stored": list(dict.fromkeys(e.hash for e, _ in blobs))})
 
     @app.post(
         _WS + "/blobs/unpack",
@@ -445,9 +440,41 @@ def _read_spool(spool: Any, chunks: list[tuple[bool, int]]) -> Iterator[tuple[bo
         yield compressed, spool.read(length)
 
 
-def _store_small(storage: Storage, ws_id: int, blobs: list[tuple[str, bytes]]) -> None:
-    prepared = [(digest, len(data), *compress_chunk(data)) for digest, data in blobs]
+def _store_small(storage: Storage, ws_id: int, blobs: list[tuple[p.PackEntry, bytes]]) -> None:
+    """Verify every blob of a pack, then store them all; one that fails refuses the pack.
+
+    A blob is stored as it came: deflated by the client when that paid,
+    raw otherwise (the client judged it would not compress). Deflating
+    here cost a quarter of the server's CPU in a first sync of JSON
+    documents (0.34 s of ~1.5 s for 10,000).
+    """
+    prepared = []
+    for entry, data in blobs:
+        raw = data if entry.deflated is None else _inflate_exactly(data, entry)
+        if raw is None or hashlib.sha256(raw).hexdigest() != entry.hash:
+            raise ApiError(
+                400,
+                "hash_mismatch",
+                f"blob {entry.hash[:12]} does not hash to its name; nothing stored",
+            )
+        prepared.append((entry.hash, entry.size, entry.deflated is not None, data))
     storage.put_prepared_blobs(ws_id, prepared)
+
+
+def _inflate_exactly(data: bytes, entry: p.PackEntry) -> bytes | None:
+    """The blob a deflated pack entry carries; None unless it is one whole zlib stream of ``size`` bytes.
+
+    Inflates at most ``size`` bytes (at most SMALL_BLOB): a stream that
+    would give more is refused without being inflated further.
+    """
+    inflater = zlib.decompressobj()
+    try:
+        raw = inflater.decompress(data, entry.size)
+    except zlib.error:
+        return None
+    if len(raw) != entry.size or not inflater.eof or inflater.unused_data or inflater.unconsumed_tail:
+        return None
+    return raw
 
 
 def _pack_stream(storage: Storage, header: p.PackHeader, chosen: list[BlobInfo]) -> Iterator[bytes]:

@@ -244,7 +244,7 @@ def make_models(db: pw.Database) -> SimpleNamespace:
             indexes = ((("workspace", "hash"), True),)
 
     class BlobChunk(Base):
-        """At most CHUNK_SIZE bytes of a blob, zlib-compressed unless that did not pay."""
+        """At most CHUNK_SIZE bytes of a blob, zlib-compressed when that paid (deflated by the client, for packs)."""
 
         blob = pw.ForeignKeyField(Blob, on_delete="CASCADE")
         idx = pw.IntegerField()

@@ -7,6 +7,7 @@ import json
 import os
 import secrets
 import socket
+import zlib
 
 import pytest
 
@@ -242,6 +243,51 @@ def test_a_pack_with_one_bad_blob_stores_none_of_it(server, api_for, alpha):
         assert r.status_code == 400, r.text
     r = api.call("POST", "/v1/ws/{ws}/blobs/missing", json={"hashes": [sha(good), HX]})
     assert r.json()["missing"] == [sha(good), HX]
+
+
+def test_a_pack_of_deflated_blobs_is_stored_as_it_came_and_read_back_whole(server, api_for, alpha):
+    """Blobs deflated one by one in a pack (the client's uploads) come back inflated, by unpack and by GET."""
+    api = api_for(server, alpha)
+    blobs = [f"deflated blob {i} ".encode() * 50 for i in range(20)]
+    plain = b"kept as it is"
+    entries = [p.PackEntry(sha(b), len(b), len(zlib.compress(b))) for b in blobs]
+    header = p.PackHeader((*entries, p.PackEntry(sha(plain), len(plain))))
+    body = header.encode() + b"".join(zlib.compress(b) for b in blobs) + plain
+    r = api.call("POST", "/v1/ws/{ws}/blobs/pack", data=body, headers={"Content-Type": p.PACK_MEDIA_TYPE})
+    assert r.status_code == 200, r.text
+    r = api.call("POST", "/v1/ws/{ws}/blobs/unpack", json={"hashes": [sha(b) for b in [*blobs, plain]]})
+    line, _, rest = r.content.partition(b"\n")
+    got = {}
+    for entry in p.PackHeader.decode(line).blobs:
+        assert entry.deflated is None  # downloads carry blobs as they are
+        got[entry.hash], rest = rest[:entry.size], rest[entry.size:]
+    assert got == {sha(b): b for b in [*blobs, plain]}
+    assert api.call("GET", f"/v1/ws/{{ws}}/blobs/{sha(blobs[3])}").content == blobs[3]
+
+
+def test_a_deflated_blob_that_does_not_inflate_to_itself_refuses_the_pack(server, api_for, alpha):
+    """Bad zlib, a stream inflating past its size or short of it, trailing bytes, the wrong blob: 400, none stored."""
+    api = api_for(server, alpha)
+    good = b"good blob " * 20
+    blob = b"the blob " * 30
+    bomb = zlib.compress(b"\0" * (1 << 20))  # ~1 KB inflating to 1 MiB, announced as len(blob) bytes
+    blob *= 10
+    cases = [
+        (zlib.compress(blob)[:-3] + b"xyz", len(blob)),  # damaged stream
+        (bomb, len(blob)),  # inflates past its size: stopped at the size
+        (zlib.compress(blob[:-1]), len(blob)),  # inflates short of its size
+        (zlib.compress(blob) + b"!", len(blob)),  # trailing bytes after the stream
+        (zlib.compress(blob[::-1]), len(blob)),  # a whole stream of other bytes
+    ]
+    for data, size in cases:
+        header = p.PackHeader((p.PackEntry(sha(good), len(good)), p.PackEntry(sha(blob), size, len(data))))
+        r = api.call("POST", "/v1/ws/{ws}/blobs/pack", data=header.encode() + good + data)
+        assert r.status_code == 400 and r.json()["error"] == "hash_mismatch", r.text
+    for entry in ([sha(blob), 10, 10], [sha(blob), 10, 0], [sha(blob), 10, True], [sha(blob), 10, 5, 1]):
+        r = api.call("POST", "/v1/ws/{ws}/blobs/pack", data=json.dumps({"blobs": [entry]}).encode() + b"\n")
+        assert r.status_code == 400 and r.json()["error"] == "bad_request", (entry, r.text)
+    r = api.call("POST", "/v1/ws/{ws}/blobs/missing", json={"hashes": [sha(good), sha(blob)]})
+    assert r.json()["missing"] == [sha(good), sha(blob)]
 
 
 def test_bodies_are_gzipped_both_ways(server, api_for, alpha):
