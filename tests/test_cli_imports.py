@@ -131,11 +131,12 @@ def _strip_ansi(text: str) -> str:
 
 
 def _state_files(root: Path) -> dict[str, tuple[int, int, bytes]]:
-    """Every file under .syncengine with its size, mtime and bytes (the locks and the quiet-round marker aside)."""
+    """Every file under .syncengine with its size, mtime and bytes (the locks, the quiet-round marker and the
+    scanner's copy of the stamps aside: a cache, never fsynced, rewritten when the journal's stamps moved)."""
     state = root / ".syncengine"
     return {str(p.relative_to(state)): (p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes())
             for p in sorted(state.rglob("*")) if p.is_file()
-            and p.name not in ("sync.lock", "scan.lock", "journal.db-quiet-sync")}
+            and p.name not in ("sync.lock", "scan.lock", "journal.db-quiet-sync", "journal.db-stamps")}
 
 
 @pytest.mark.integration

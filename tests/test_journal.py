@@ -161,3 +161,53 @@ def test_the_journal_is_read_through_a_memory_map(tmp_path: Path):
         assert journal.db.execute_sql("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     finally:
         journal.close()
+
+
+def test_the_stamps_copy_is_used_while_no_stamp_changed_and_never_after(tmp_path: Path):
+    """local_stamps reads the rows once, then its copy (journal.db-stamps) while the token every write transaction
+    draws (migration 3) is unchanged: after a write, here or through another process's connection, it reads the
+    rows again; a torn copy is never believed."""
+    from syncengine.journal import Journal
+    from syncengine.models import LocalChange, Op
+
+    path = tmp_path / "journal.db"
+    journal = Journal.open(path)
+    sent: list[str] = []
+    journal.db.connection().set_trace_callback(sent.append)
+
+    def stamps() -> dict:
+        sent.clear()
+        with journal.reading():
+            got = journal.local_stamps()
+        return got if any("FROM document" in sql for sql in sent) else {"(from the copy)": got}
+
+    try:
+        stamp = {"size": 3, "mtime_ns": 1, "ctime_ns": 1, "inode": 7, "mode": 0o644}
+        journal.record_local([LocalChange(Op.CREATED, f"d{i}.md", hash=f"{i:064x}", kind="text", **stamp)
+                              for i in range(3)])
+        rows = {f"d{i}.md": (3, 1, 1, 7, 0o644) for i in range(3)}
+        assert stamps() == rows and journal.stamps_copy.exists()
+        assert stamps() == {"(from the copy)": rows}
+        st = type("St", (), {"size": 4, "mtime_ns": 2, "ctime_ns": 2, "inode": 7, "mode": 0o644})
+        journal.record_local([], [("d1.md", st)])  # a restamp
+        rows["d1.md"] = (4, 2, 2, 7, 0o644)
+        assert stamps() == rows
+        assert stamps() == {"(from the copy)": rows}
+        other = Journal.open(path)  # another process's connection
+        try:
+            doc = other.doc_by_path("d2.md")
+            other.update_doc(doc.doc_id, mtime_ns=5)
+            other.batch(deletes=[other.doc_by_path("d0.md").doc_id])
+        finally:
+            other.close()
+        rows["d2.md"] = (3, 5, 1, 7, 0o644)
+        del rows["d0.md"]
+        assert stamps() == rows
+        data = journal.stamps_copy.read_bytes()
+        journal.stamps_copy.write_bytes(data[:len(data) // 2] + bytes(len(data) - len(data) // 2))  # torn
+        assert stamps() == rows
+        assert stamps() == {"(from the copy)": rows}
+        journal.update_state(guard="any write")  # any write transaction draws a new token
+        assert stamps() == rows
+    finally:
+        journal.close()

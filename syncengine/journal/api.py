@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import marshal
 import os
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -122,7 +124,23 @@ def _migration_2(db: pw.Database) -> None:
     db.execute_sql(f"CREATE INDEX document_unsettled ON document (id) WHERE {UNSETTLED}")
 
 
-MIGRATIONS = [_migration_1, _migration_2]
+def _migration_3(db: pw.Database) -> None:
+    """sync_state.stamps_token: a random value, drawn again by every write transaction that changes a row.
+
+    Journal.writing draws it before the transaction commits, and this
+    package is the journal's only writer, so equal tokens mean equal
+    stamps: the scanner's copy of them (Journal.local_stamps,
+    ``journal.db-stamps``) is valid exactly while the token it was read
+    with is current. Random, not a counter: a journal restored from a
+    backup, or rebuilt, never reaches a token an older copy was written
+    with. Not triggers: one per inserted row cost ~10 us (a first scan of
+    10,000 files +0.1 s); this is one UPDATE per transaction.
+    """
+    db.execute_sql("ALTER TABLE sync_state ADD COLUMN stamps_token TEXT")
+    db.execute_sql("UPDATE sync_state SET stamps_token = lower(hex(randomblob(8)))")
+
+
+MIGRATIONS = [_migration_1, _migration_2, _migration_3]
 JOURNAL_MMAP = 1 << 30  # address space only: pages are mapped as they are read
 
 
@@ -185,8 +203,17 @@ class Journal:
 
             def __exit__(self_inner, *exc):
                 try:
+                    failed: BaseException | None = None
+                    if exc[0] is None and journal.db.connection().total_changes != self_inner.changes:
+                        try:
+                            with translate(journal.path):
+                                journal._draw_stamps_token()
+                        except BaseException as error:  # rolled back below, then raised
+                            failed, exc = error, (type(error), error, error.__traceback__)
                     with translate(journal.path):
                         result = self_inner.tx.__exit__(*exc)
+                    if failed is not None:
+                        raise failed
                     if journal.db.connection().total_changes != self_inner.changes:
                         journal.writes += 1
                     return result
@@ -194,6 +221,10 @@ class Journal:
                     journal._write_lock.release()
 
         return _Tx()
+
+    def _draw_stamps_token(self) -> None:
+        """A new stamps_token for a transaction that changed rows, before it commits (migration 3)."""
+        self.db.execute_sql("UPDATE sync_state SET stamps_token = ? WHERE id = 1", (os.urandom(8).hex(),))
 
     # ------------------------------------------------------------ sync state
 
@@ -321,10 +352,47 @@ class Journal:
         Leaving out the ids, hashes and kinds (three strings a row) makes this
         read 40% cheaper than :meth:`local_index` on 50,000 files; the scanner
         asks for the full rows of the few paths that differ.
+
+        Read in a transaction (see :meth:`reading`). The stamps come from
+        ``journal.db-stamps``, a copy tagged with the ``stamps_token`` it was
+        read with (migration 3), while that token is current: loading it
+        costs a third of reading 50,000 rows. A copy that is missing, stale
+        or unreadable is replaced from the rows; it is not made durable (a
+        torn one fails to load and is read again).
         """
+        (token,) = self.db.execute_sql("SELECT stamps_token FROM sync_state WHERE id = 1").fetchone()
+        copy = self.stamps_copy
+        if token is not None:
+            with contextlib.suppress(OSError, EOFError, ValueError, TypeError):
+                with open(copy, "rb") as fh:
+                    raw = fh.read()
+                # A crc of the whole copy: a torn one (zeroes where a crash lost its
+                # blocks) could otherwise load as a shorter dict with the right token.
+                if int.from_bytes(raw[:4], "little") == zlib.crc32(memoryview(raw)[4:]):
+                    held, stamps = marshal.loads(memoryview(raw)[4:])
+                    if held == token and type(stamps) is dict:
+                        return stamps
         rows = self.db.execute_sql(
             "SELECT path, size, mtime_ns, ctime_ns, inode, mode FROM document WHERE path IS NOT NULL")
-        return {row[0]: row[1:] for row in rows}
+        stamps = {row[0]: row[1:] for row in rows}
+        if token is not None:
+            data = marshal.dumps((token, stamps))
+            tmp = copy.with_name(f"{copy.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            with contextlib.suppress(OSError):
+                try:
+                    with open(tmp, "wb") as fh:
+                        fh.write(zlib.crc32(data).to_bytes(4, "little"))
+                        fh.write(data)
+                    os.replace(tmp, copy)
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp)
+        return stamps
+
+    @property
+    def stamps_copy(self) -> Path:
+        """The scanner's copy of every document's stamps (see local_stamps)."""
+        return self.path.with_name(self.path.name + "-stamps")
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[Journal]:
