@@ -223,10 +223,18 @@ def hash_with_head(path: Path, retries: int = 3, head_size: int = 8192) -> tuple
             before = FileStat.of(st)
             digest = hashlib.sha256()
             head = b""
+            # Reading stops at the size fstat gave, without the read that would
+            # return 0 (one syscall per file of a first scan); a file that grew
+            # meanwhile fails the stat comparison below. A size of 0 (procfs and
+            # the like) reads to the end.
+            left = st.st_size
             while n := os.readv(fd, [buf]):
                 if len(head) < head_size:
                     head += bytes(view[:min(n, head_size - len(head))])
                 digest.update(view[:n])
+                left -= n
+                if left == 0:
+                    break
             after = FileStat.of(os.fstat(fd))
         finally:
             os.close(fd)

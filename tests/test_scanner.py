@@ -326,3 +326,31 @@ def test_a_no_op_scan_writes_nothing_and_a_same_tick_edit_is_still_found(tmp_pat
         assert ws.scan().modified == ("a.json",)
     finally:
         ws.close()
+
+
+@pytest.mark.parametrize("size", [0, 1, 8191, 8192, 1 << 20, (1 << 20) + 1, 3 << 20])
+def test_hash_with_head_reads_whole_files_of_any_size(tmp_path: Path, size: int):
+    """The read stops at the stat'ed size: every byte is still hashed, at buffer edges too."""
+    import hashlib
+
+    from syncengine.fsops import hash_with_head
+
+    data = os.urandom(size)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    digest, stat, head = hash_with_head(path)
+    assert digest == hashlib.sha256(data).hexdigest()
+    assert stat.size == size and head == data[:8192]
+
+
+def test_hash_with_head_reads_a_procfs_file_past_its_zero_size():
+    """A file whose stat says 0 bytes but which has content is read to its end."""
+    import hashlib
+
+    from syncengine.fsops import hash_with_head
+
+    path = Path("/proc/self/cmdline")
+    if not path.exists():
+        pytest.skip("no procfs")
+    digest, _stat, head = hash_with_head(path)
+    assert head and digest == hashlib.sha256(head).hexdigest()
