@@ -207,3 +207,41 @@ def test_sqlite_writers_of_one_process_queue_and_a_stuck_one_makes_the_next_busy
         assert outcome.applied == 1
     finally:
         storage.close()
+
+
+def test_a_waiting_commit_goes_before_a_waiting_blob_writer_and_the_blob_writer_still_gets_its_turn():
+    """The writers' gate: a commit waiting goes first; a blob writer waits for it at most _PATIENCE."""
+    from syncengine.server.storage import _WriterGate
+
+    gate = _WriterGate()
+    order: list[str] = []
+    release = threading.Event()
+
+    def writer(name: str, urgent: bool, hold: threading.Event | None = None) -> None:
+        with gate.held(urgent):
+            order.append(name)
+            if hold is not None:
+                hold.wait(10)
+
+    holder = threading.Thread(target=writer, args=("holder", False, release))
+    holder.start()
+    while not order:
+        time.sleep(0.001)
+    blob = threading.Thread(target=writer, args=("blob", False))
+    blob.start()
+    time.sleep(0.05)  # the blob writer is waiting
+    commit = threading.Thread(target=writer, args=("commit", True))
+    commit.start()
+    time.sleep(0.05)  # and the commit too
+    release.set()
+    for thread in (holder, blob, commit):
+        thread.join(10)
+    assert order == ["holder", "commit", "blob"]
+    with gate.held(False), gate.held(True):  # reentrant in one thread
+        order.append("nested")
+    # A blob writer that keeps meeting commits waiting takes its turn after its patience
+    # (without it, this would wait out the busy timeout and raise BusyError).
+    gate._urgent = 1
+    with gate.held(False):
+        order.append("patient")
+    assert order[-2:] == ["nested", "patient"]
