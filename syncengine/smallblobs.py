@@ -30,6 +30,7 @@ import json
 import os
 import sqlite3
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 
 BUSY_SECONDS = 60.0  # another process's batch commits in milliseconds; a minute means it is stuck
@@ -53,6 +54,19 @@ def os_error(exc: sqlite3.Error, path: str) -> OSError:
     code = getattr(exc, "sqlite_errorcode", None)
     err = _ERRNO.get((code or 0) & 0xFF, errno.EIO)
     return OSError(err, f"{exc} in {os.path.basename(path)}", path)
+
+
+def _close(con: sqlite3.Connection, pid: int) -> None:
+    """Close a store's connection when the store goes or the process exits.
+
+    A connection sits in a reference cycle (its statement cache), and the
+    CLI skips the final garbage collection (``gc.freeze``): left to that, it
+    never closed, and every process left ``small.db-wal`` behind. The last
+    connection to close folds the WAL back into the table and removes it.
+    Never in a forked child: the connection is its parent's.
+    """
+    if os.getpid() == pid:
+        con.close()
 
 
 class SmallBlobs:
@@ -86,6 +100,7 @@ class SmallBlobs:
             con.close()
             raise
         self._con, self._pid = con, os.getpid()
+        weakref.finalize(self, _close, con, self._pid)  # also runs at exit
         return con
 
     def _query(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:

@@ -199,3 +199,17 @@ def test_a_batch_goes_in_row_by_row_where_sqlite_has_no_json_each(store: BlobSto
     assert store.put_many(docs) == [hashlib.sha256(d).hexdigest() for d in docs] and first == store.put_many(docs[:10])
     assert sorted(store.iter_digests()) == sorted(hashlib.sha256(d).hexdigest() for d in docs)
     assert all(store.get(hashlib.sha256(d).hexdigest()) == d for d in docs)
+
+
+def test_a_process_that_stored_blobs_leaves_no_wal_behind(tmp_path: Path):
+    """The CLI skips the final garbage collection (gc.freeze) and a connection sits in a reference cycle: the store
+    still closes it when it goes, or at exit, so the WAL is folded back and no small.db-wal is left."""
+    objects = tmp_path / "objects"
+    script = ("import gc, sys\nfrom pathlib import Path\nfrom syncengine.blobs import BlobStore\n"
+              "kept = BlobStore(Path(sys.argv[1]))\nkept.put_bytes(b'kept to the end')\n"
+              "BlobStore(Path(sys.argv[1])).put_bytes(b'dropped at once')\ngc.freeze()\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(objects)], cwd=REPO, env=cli_env(),
+                          capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in objects.iterdir()) == ["small.db", "tmp"]
+    assert len(list(BlobStore(objects).iter_digests())) == 2
