@@ -388,7 +388,6 @@ class Workspace:
 
     def open_remote(self):
         """An HttpRemote for this workspace's server (SYNCENGINE_SERVER / _TOKEN override)."""
-        from syncengine.chunkindex import ChunkIndex
         from syncengine.credentials import load_token
         from syncengine.errors import AuthError
         from syncengine.remote import HttpRemote
@@ -403,7 +402,12 @@ class Workspace:
         server = self.config.server
         return HttpRemote(url, server.workspace, token, ca_file=server.ca_file or None,
                           allow_http=server.allow_http, timeout=server.timeout, retries=server.retries,
-                          client_id=self.journal.client_id, chunk_index=ChunkIndex(self.blobs))
+                          client_id=self.journal.client_id, chunk_index=self._chunk_index)
+
+    def _chunk_index(self):
+        from syncengine.chunkindex import ChunkIndex
+
+        return ChunkIndex(self.blobs)
 
     def sync(self, *, strategy: str | None = None, dry_run: bool = False, force: bool = False,
              max_delete: float | None = None, wait: float | None = None, remote=None, progress=None):

@@ -373,7 +373,7 @@ class HttpRemote(Remote):
         backoff: float = 0.5,
         max_backoff: float = 30.0,
         max_answer: int = p.MAX_JSON_BYTES,
-        chunk_index: ChunkIndex | None = None,
+        chunk_index: ChunkIndex | Callable[[], ChunkIndex] | None = None,
     ) -> None:
         parts = urlsplit(url.rstrip("/"))
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -402,8 +402,11 @@ class HttpRemote(Remote):
         self.max_backoff = max_backoff
         self.max_answer = max_answer
         # Blobs over MANIFEST_THRESHOLD travel as chunk manifests (syncengine.chunked);
-        # with an index, chunks already held locally are not downloaded again.
-        self.chunk_index = chunk_index
+        # with an index, chunks already held locally are not downloaded again. Given as
+        # a factory, it is made when a large file first needs it: most rounds have none,
+        # and the blob store's stack stays unloaded (tests/test_cli_imports.py).
+        self._chunk_index = chunk_index
+        self._chunk_index_lock = threading.Lock()
         self.chunk_stats = chunked.ChunkStats()
         self._base = f"{self.url}{p.API_PREFIX}/ws/{quote(workspace, safe='')}"
         self._auth = _Bearer(token)
@@ -444,6 +447,13 @@ class HttpRemote(Remote):
             sessions, self._sessions = list(self._sessions.values()), {}
         for session in sessions:
             session.close()
+
+    def chunk_index(self) -> ChunkIndex | None:
+        """The chunk index, made on first use when a factory was given."""
+        with self._chunk_index_lock:
+            if callable(self._chunk_index):
+                self._chunk_index = self._chunk_index()
+            return self._chunk_index
 
     def release_ended_threads(self) -> None:
         with self._sessions_lock:
@@ -706,7 +716,7 @@ class HttpRemote(Remote):
         for source in large:
             problem = chunked.WHOLE
             if source.size > p.MANIFEST_THRESHOLD:
-                problem = chunked.upload(self, source, self.chunk_index)
+                problem = chunked.upload(self, source, self.chunk_index())
             if problem == chunked.WHOLE:
                 problem = self._put_blob(source)
             if problem is None:
@@ -780,7 +790,7 @@ class HttpRemote(Remote):
                 yield FetchedBlob(digest, "missing")
             for digest in header.large:
                 if digest in header.manifests:  # stored as chunks: fetch those we lack
-                    yield from chunked.fetch(self, digest, self.chunk_index)
+                    yield from chunked.fetch(self, digest, self.chunk_index())
                 else:
                     yield from self._get_large(digest)
             if header.deferred:
