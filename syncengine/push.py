@@ -6,8 +6,9 @@ of the blobs the server lacks (large files streamed one by one), and the
 wave's bases kept locally. Two threads run the waves ahead of the commits,
 so the server stores the next waves' blobs while this one is committed; every
 blob is up before the commit that names it (DESIGN §4). Commits carry at
-most 100 changes each, one in flight at a time, and a batch's answers are
-recorded while the server works on the next one. A push costs
+most 100 changes each, two in flight on two connections when they commute
+(see :func:`_touches`), and a batch's answers are recorded while the server
+works on the next ones. A push costs
 O(changes / 100) commits and O(changes / 1,000) other requests, never one
 per file. Every item's op id is derived from the change itself, so a retry
 after a crash is the same op and the server answers it as it did the first
@@ -36,6 +37,7 @@ from syncengine.errors import FileSystemError
 from syncengine.fsops import ChangedUnderfoot, failpoint, move_safe, read_bytes, sha256
 from syncengine.journal import DocRow, Journal, now_ns
 from syncengine.models import Kind, ScanProblem
+from syncengine.paths import casefold_key
 from syncengine.pull import remote_mode
 from syncengine.remote import BlobSource, Remote
 
@@ -44,6 +46,7 @@ WAVE_ROWS = p.MAX_HASHES  # documents whose blobs go up together: one missing ca
 WAVE_BYTES = 16 << 20  # small files' bytes held by one wave
 AHEAD = 2  # waves whose blobs may be on their way ahead of the commits
 BLOB_THREADS = 2  # of those, sent at once
+COMMITS_IN_FLIGHT = 2  # commits sent at once, each on its own connection (see _touches)
 RECORD_EVERY = 500  # answered changes journaled in one transaction
 
 
@@ -136,8 +139,29 @@ class _Sent:
         return {row.doc_id for row in self.ready if row.path is None or row.hash not in unkept}
 
 
-# A commit sent or queued: its documents, its items, the wait for its answers, the batch's size.
-_InFlight = tuple[list[DocRow], list[p.CommitItem], Callable[[], list[p.CommitResult]], int]
+# A commit sent or queued: its documents, its items, the wait for its answers, the batch's size,
+# and what it touches (see _touches).
+_InFlight = tuple[list[DocRow], list[p.CommitItem], Callable[[], list[p.CommitResult]], int, set[str]]
+
+
+def _touches(rows: list[DocRow], items: list[p.CommitItem]) -> set[str]:
+    """What a batch's answers can depend on or change on the server: its documents and path keys.
+
+    The server decides an item from its document and the owner of its path
+    key, and changes only those and the old path's key. Two batches that
+    touch nothing in common give the same answers in either order, so the
+    next one may go out while the one before is in flight, on another
+    connection, without waiting for it; one that shares a document or a
+    path key (a move into a path another batch frees) waits. Only the seqs
+    may come out of order: :func:`_past_echoes` carries them over.
+    """
+    out: set[str] = set()
+    for row, item in zip(rows, items, strict=True):
+        out.add("id:" + row.doc_id)
+        for path in (item.path, row.base_path, row.remote_path):
+            if path:
+                out.add("path:" + casefold_key(path))
+    return out
 
 
 def waves(rows: list[DocRow], batch: int, *, most: int = WAVE_ROWS,
@@ -200,7 +224,7 @@ def push(
             # Two threads: one reads and hashes a wave while the server takes the other's pack.
             ahead = stack.enter_context(ThreadPoolExecutor(BLOB_THREADS, thread_name_prefix="push-blobs"))
         if len(rows) > batch:
-            committer = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="push-commit"))
+            committer = stack.enter_context(ThreadPoolExecutor(COMMITS_IN_FLIGHT, thread_name_prefix="push-commit"))
         stack.callback(stop.set)  # runs first on the way out: a worker still ahead gives up
 
         def send(wave: list[list[DocRow]]) -> Callable[[], _Sent]:
@@ -225,6 +249,7 @@ def push(
         done = 0
         last_seq = journal.state().get("last_seq")  # only this push moves it until it returns
         held: list[tuple[DocRow, p.CommitItem, p.CommitResult]] = []  # answered, not yet journaled
+        carried: list[int] = []  # seqs of ours journaled ahead of a gap (commits answered out of order)
 
         def record(at_least: int = 1) -> None:
             nonlocal held, last_seq
@@ -232,7 +257,7 @@ def push(
                 return
             ready, items, answers = (list(column) for column in zip(*held, strict=True))
             held = []
-            last_seq = _record(root, journal, ready, items, answers, result, client_id, last_seq)
+            last_seq = _record(root, journal, ready, items, answers, result, client_id, last_seq, carried)
             failpoint("push.after_record")
 
         refused = threading.Event()
@@ -259,7 +284,7 @@ def push(
         def answered() -> None:
             """Take the oldest commit's answers; what came before is journaled meanwhile."""
             nonlocal done, held
-            ready, items, answers, size = inflight.popleft()
+            ready, items, answers, size, _touched = inflight.popleft()
             # Journaled a few batches at a time (one transaction, one fsync) while the
             # server works on the commits in flight; a kill before that is answered
             # again by op id.
@@ -274,21 +299,26 @@ def push(
             for ready, size in ready_batches():
                 failpoint("push.before_commit")
                 items = [commit_item(row, client_id) for row in ready]
-                # The next commit is queued behind the one in flight, on the same
-                # connection and in order, so the server never waits for this thread.
-                inflight.append((ready, items, start(items), size))
-                if len(inflight) > 1:
+                touched = _touches(ready, items)
+                # A batch that touches what one in flight touches waits for it: order matters there.
+                while any(not touched.isdisjoint(other[4]) for other in inflight):
+                    answered()
+                # The next commits go out beside the one in flight, and one more is queued
+                # behind them, so the server never waits for this thread.
+                inflight.append((ready, items, start(items), size, touched))
+                if len(inflight) > COMMITS_IN_FLIGHT:
                     answered()
             while inflight:
                 answered()
             record()
         finally:
-            # Whatever stopped the push, the answers to commits already sent are kept.
-            for ready, items, answers, _size in inflight:
+            # Whatever stopped the push, the answers to commits already sent are kept
+            # (one sent beside a commit that failed may have been answered).
+            for ready, items, answers, _size, _touched in inflight:
                 try:
                     got = answers()
                 except Exception:  # the error that stopped the push is already on its way
-                    break
+                    continue
                 if len(got) != len(items):  # not sent: a commit before it failed
                     break
                 held += zip(ready, items, got, strict=True)
@@ -351,8 +381,12 @@ def _send_wave(root: Path, blobs: BlobStore, remote: Remote, rows: list[DocRow],
 
 
 def _record(root: Path, journal: Journal, rows: list[DocRow], items: list[p.CommitItem],
-            answers: list[p.CommitResult], result: Pushed, client_id: str, last_seq: int | None) -> int | None:
-    """Journal a batch's answers in one transaction; returns the checkpoint (``last_seq``) after it."""
+            answers: list[p.CommitResult], result: Pushed, client_id: str, last_seq: int | None,
+            carried: list[int] | None = None) -> int | None:
+    """Journal a batch's answers in one transaction; returns the checkpoint (``last_seq``) after it.
+
+    ``carried`` is :func:`_past_echoes`'s: seqs of ours already journaled, waiting for a gap to fill.
+    """
     updates: list[tuple[str, dict[str, Any]]] = []
     inserts: list[dict[str, Any]] = []
     renames: list[tuple[str, str]] = []
@@ -410,12 +444,13 @@ def _record(root: Path, journal: Journal, rows: list[DocRow], items: list[p.Comm
                                   "local_hash": row.hash, "remote_hash": current.hash, "base_hash": row.base_hash,
                                   "remote_rev": current.rev, "strategy": "keep-both", "copy_path": aside,
                                   "resolved_at": now, "resolution": "keep-both"})
-    state = _past_echoes(last_seq, answers)
+    state = _past_echoes(last_seq, answers, carried)
     journal.batch(updates=updates, inserts=inserts, renames=renames, conflicts=conflict_rows, state=state)
     return state["last_seq"] if state else last_seq
 
 
-def _past_echoes(last: int | None, answers: list[p.CommitResult]) -> dict[str, Any] | None:
+def _past_echoes(last: int | None, answers: list[p.CommitResult],
+                 carried: list[int] | None = None) -> dict[str, Any] | None:
     """Move the checkpoint past this batch when the feed holds nothing else there.
 
     The server numbers a commit's changes in one run under its workspace
@@ -425,10 +460,19 @@ def _past_echoes(last: int | None, answers: list[p.CommitResult]) -> dict[str, A
     paging through them (50,000 of them after a first sync). Any gap — a
     change by someone else, a replayed commit — leaves the checkpoint where
     it is, and the next pull reads the feed as always.
+
+    Two commits in flight may be numbered in either order, so one record may
+    hold a gap that the next fills: with ``carried``, the seqs above the
+    checkpoint that did not fit are kept there (journaled already) and
+    counted with the next batch's.
     """
-    seqs = sorted(a.seq for a in answers if a.status == "ok" and a.seq is not None)
+    seqs = sorted([*(carried or ()), *(a.seq for a in answers if a.status == "ok" and a.seq is not None)])
     if not seqs:
         return None
     if last is None or seqs != list(range(last + 1, last + 1 + len(seqs))):
+        if carried is not None:
+            carried[:] = [seq for seq in seqs if last is None or seq > last]
         return None
+    if carried is not None:
+        carried.clear()
     return {"last_seq": seqs[-1]}
