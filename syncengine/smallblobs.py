@@ -30,6 +30,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 
@@ -69,6 +70,32 @@ def _close(con: sqlite3.Connection, pid: int) -> None:
         con.close()
 
 
+def _set_up(con: sqlite3.Connection) -> None:
+    """WAL, full sync and the table, waiting out another process doing the same.
+
+    Two processes opening a new store at once meet while it is still in
+    rollback mode, where SQLite answers "database is locked" at once,
+    without its busy handler, to whichever would otherwise deadlock (one
+    holds a read lock the other's write needs): retried here, as the busy
+    timeout would.
+    """
+    deadline = time.monotonic() + BUSY_SECONDS
+    pause = 0.001
+    while True:
+        try:
+            if con.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=FULL")
+            con.execute(_SCHEMA)
+            return
+        except sqlite3.OperationalError as exc:
+            busy = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF in (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED
+            if not busy or time.monotonic() >= deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+
 class SmallBlobs:
     """The table of one store: encoded blobs by name, with when each was last stored."""
 
@@ -88,10 +115,7 @@ class SmallBlobs:
             return None
         con = sqlite3.connect(self.path, timeout=BUSY_SECONDS, isolation_level=None, check_same_thread=False)
         try:
-            if con.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                con.execute("PRAGMA journal_mode=WAL")
-            con.execute("PRAGMA synchronous=FULL")
-            con.execute(_SCHEMA)
+            _set_up(con)
             try:
                 con.execute("SELECT count(*) FROM json_each('[]')").fetchone()
             except sqlite3.OperationalError:
