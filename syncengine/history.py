@@ -67,6 +67,8 @@ def take_snapshot(
     for path in sorted(set(previous) - set(current)):
         entries.append((path, None, None, None))
     if skip_if_unchanged and not entries:
+        if previous_rows:
+            journal.attach_changes(previous_rows[0][0], upto)
         return None, problems
     files = len(current)
     total = sum(size or 0 for _h, _m, size in current.values())

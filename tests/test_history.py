@@ -57,6 +57,26 @@ def test_snapshot_records_only_changes(sample_ws: Workspace):
     assert second.changed == 1 and second.files == first.files
 
 
+def test_a_snapshot_ahead_of_the_journal_leaves_no_change_unsaved(sample_ws: Workspace):
+    """A snapshot stores a file as it is when read, ahead of the journal; the change the next scan journals is
+    then in it, so an autosave that finds nothing new marks it saved instead of counting it unsaved for ever."""
+    from syncengine.history import take_snapshot
+
+    ws = sample_ws
+    ws.snapshot()
+    (ws.root / "notes" / "todo.md").write_text("journaled")
+    ws.scan()  # the journal holds "journaled", whose blob no snapshot stored yet
+    (ws.root / "notes" / "todo.md").write_text("saved last")  # not journaled yet
+    first, _ = take_snapshot(ws.root, ws.journal, ws.blobs, trigger="auto", skip_if_unchanged=True)
+    assert first is not None and ws.journal.unsnapshotted_count() == 0
+    ws.scan()  # journals "saved last": a change after the snapshot that already holds it
+    assert ws.journal.unsnapshotted_count() == 1
+    again, _ = take_snapshot(ws.root, ws.journal, ws.blobs, trigger="auto", skip_if_unchanged=True)
+    assert again is None  # nothing differs from the snapshot
+    assert ws.journal.unsnapshotted_count() == 0
+    assert ws.snapshots()[0].id == first.id
+
+
 def test_every_snapshotted_version_is_in_the_blob_store(sample_ws: Workspace):
     """Each snapshot entry's bytes are stored and verify against their hash."""
     snap = sample_ws.snapshot()

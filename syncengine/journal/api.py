@@ -591,6 +591,20 @@ class Journal:
         return snap_id
 
     @_translated
+    def attach_changes(self, snapshot_id: int, upto_seq: int) -> int:
+        """Mark the changes up to ``upto_seq`` no snapshot holds yet as held by ``snapshot_id``; how many.
+
+        For a snapshot skipped because nothing differs from ``snapshot_id``:
+        the changes journaled since are in it already (it stored a file as it
+        was when read, which can be ahead of the journal), and left unmarked
+        they would count as unsaved for ever.
+        """
+        C = self.m.Change
+        with self.writing():
+            return C.update(snapshot_id=snapshot_id).where(
+                C.snapshot_id.is_null() & (C.seq <= upto_seq)).execute()
+
+    @_translated
     def snapshots(self, limit: int | None = None) -> list[tuple]:
         """Newest first: (id, created_at, message, trigger, files, bytes, changed)."""
         S = self.m.Snapshot
