@@ -209,10 +209,14 @@ def test_sqlite_writers_of_one_process_queue_and_a_stuck_one_makes_the_next_busy
         storage.close()
 
 
-def test_a_waiting_commit_goes_before_a_waiting_blob_writer_and_the_blob_writer_still_gets_its_turn():
+def test_a_waiting_commit_goes_before_a_waiting_blob_writer_and_the_blob_writer_still_gets_its_turn(monkeypatch):
     """The writers' gate: a commit waiting goes first; a blob writer waits for it at most _PATIENCE."""
+    from syncengine.server import storage as storage_module
     from syncengine.server.storage import _WriterGate
 
+    # Patience longer than the sleeps below can stretch on a loaded machine: the blob writer,
+    # waiting since before the commit came, must still be within it when the holder leaves.
+    monkeypatch.setattr(storage_module, "_PATIENCE", 5.0)
     gate = _WriterGate()
     order: list[str] = []
     release = threading.Event()
@@ -241,6 +245,7 @@ def test_a_waiting_commit_goes_before_a_waiting_blob_writer_and_the_blob_writer_
         order.append("nested")
     # A blob writer that keeps meeting commits waiting takes its turn after its patience
     # (without it, this would wait out the busy timeout and raise BusyError).
+    monkeypatch.setattr(storage_module, "_PATIENCE", 0.1)
     gate._urgent = 1
     with gate.held(False):
         order.append("patient")
