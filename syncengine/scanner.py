@@ -15,7 +15,7 @@ import os
 import stat as stat_mod
 import time
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,73 +66,16 @@ def walk(root: Path, ignore: IgnoreRules, only: list[str] | None = None) -> Walk
     return result
 
 
-def _stat_walk(root: Path, ignore: IgnoreRules, only: list[str] | None, problems: list[ScanProblem],
-               unreadable_dirs: list[str]) -> dict[str, Stamp]:
-    """:func:`walk`'s loop, giving plain tuples: the hot loop of every scan.
+def _regular_files(stack: list[tuple[str, str]], ignored: Callable[[str], bool], problems: list[ScanProblem],
+                   unreadable_dirs: list[str]) -> Iterator[tuple[str, os.stat_result]]:
+    """(relative path, lstat) of every regular file with a valid name under the ``stack``'s folders.
 
-    It runs once per file on every scan (50,000 times for a no-op sync of
-    50,000 files), so it makes no Path and no call it can avoid: os.scandir
-    with DirEntry.stat, one regex call for the ignore rules, the name check
-    only for non-ASCII names, and the tuple the journal's stamps compare to.
+    The loop both walks share: temp files and the state folder are skipped,
+    ignored folders are not entered, a folder that cannot be listed is
+    reported and remembered, a bad name is reported unless it is ignored.
+    Whether a file itself is ignored is the caller's question (the fused
+    walk asks only about files that differ).
     """
-    files: dict[str, Stamp] = {}
-    ignored = ignore.matcher()
-    stack = [(os.path.join(root, d), f"{d}/" if d else "") for d in only] if only else [(os.fspath(root), "")]
-    while stack:
-        folder, prefix = stack.pop()
-        try:
-            check_fault("list", folder)
-            entries = list(os.scandir(folder))
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            problems.append(ScanProblem(prefix[:-1] or ".", f"cannot list folder: {exc.strerror}"))
-            unreadable_dirs.append(prefix[:-1])
-            continue
-        for entry in entries:
-            name = entry.name
-            if name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX):
-                continue
-            if name == STATE_DIR and not prefix:
-                continue
-            rel = prefix + name
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue  # vanished between listing and stat: the next scan sees it
-            mode = st.st_mode
-            if _S_ISREG(mode):
-                if ignored(rel):
-                    continue
-                if not rel.isascii():
-                    problem = _name_problem(rel)
-                    if problem:
-                        problems.append(ScanProblem(rel.encode("utf-8", "replace").decode(), problem))
-                        continue
-                files[rel] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, mode & 0o7777)
-            elif _S_ISDIR(mode) and not ignored(rel + "/"):
-                stack.append((entry.path, rel + "/"))
-    return files
-
-
-def _changed_walk(root: Path, ignore: IgnoreRules, stamps: dict[str, Stamp], racy_after: int,
-                  problems: list[ScanProblem], unreadable_dirs: list[str]) -> tuple[dict[str, Stamp], list[str], int]:
-    """:func:`_stat_walk` fused with the comparison to the journal's ``stamps``.
-
-    Returns (the files whose stamp differs from the journal's, or is racy;
-    the known paths seen; how many files were counted). A no-op scan of
-    50,000 files keeps no dict of 50,000 stamps and makes no second pass to
-    compare them, and the ignore rules are asked only about files that
-    differ: a file whose stamp is exactly the journal's is known and
-    unchanged, ignored or not (a newly ignored file is never read as deleted
-    nor as changed either way), so it is counted as a file of the workspace.
-    """
-    changed: dict[str, Stamp] = {}
-    seen: list[str] = []
-    counted = 0
-    stamp_of = stamps.get
-    ignored = ignore.matcher()
-    stack = [(os.fspath(root), "")]
     while stack:
         folder, prefix = stack.pop()
         try:
@@ -163,19 +106,58 @@ def _changed_walk(root: Path, ignore: IgnoreRules, stamps: dict[str, Stamp], rac
                         if not ignored(rel):
                             problems.append(ScanProblem(rel.encode("utf-8", "replace").decode(), problem))
                         continue
-                stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, mode & 0o7777)
-                known = stamp_of(rel)
-                if known is not None:
-                    seen.append(rel)
-                    if known == stamp and stamp[1] < racy_after:
-                        counted += 1
-                        continue
-                if ignored(rel):
-                    continue
-                counted += 1
-                changed[rel] = stamp
+                yield rel, st
             elif _S_ISDIR(mode) and not ignored(rel + "/"):
                 stack.append((entry.path, rel + "/"))
+
+
+def _stat_walk(root: Path, ignore: IgnoreRules, only: list[str] | None, problems: list[ScanProblem],
+               unreadable_dirs: list[str]) -> dict[str, Stamp]:
+    """:func:`walk`'s loop, giving plain tuples: the hot loop of every scan.
+
+    It runs once per file on every scan (50,000 times for a no-op sync of
+    50,000 files), so it makes no Path and no call it can avoid: os.scandir
+    with DirEntry.stat, one regex call for the ignore rules, the name check
+    only for non-ASCII names, and the tuple the journal's stamps compare to.
+    """
+    files: dict[str, Stamp] = {}
+    ignored = ignore.matcher()
+    stack = [(os.path.join(root, d), f"{d}/" if d else "") for d in only] if only else [(os.fspath(root), "")]
+    for rel, st in _regular_files(stack, ignored, problems, unreadable_dirs):
+        if not ignored(rel):
+            files[rel] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode & 0o7777)
+    return files
+
+
+def _changed_walk(root: Path, ignore: IgnoreRules, stamps: dict[str, Stamp], racy_after: int,
+                  problems: list[ScanProblem], unreadable_dirs: list[str]) -> tuple[dict[str, Stamp], list[str], int]:
+    """:func:`_stat_walk` fused with the comparison to the journal's ``stamps``.
+
+    Returns (the files whose stamp differs from the journal's, or is racy;
+    the known paths seen; how many files were counted). A no-op scan of
+    50,000 files keeps no dict of 50,000 stamps and makes no second pass to
+    compare them, and the ignore rules are asked only about files that
+    differ: a file whose stamp is exactly the journal's is known and
+    unchanged, ignored or not (a newly ignored file is never read as deleted
+    nor as changed either way), so it is counted as a file of the workspace.
+    """
+    changed: dict[str, Stamp] = {}
+    seen: list[str] = []
+    counted = 0
+    stamp_of = stamps.get
+    ignored = ignore.matcher()
+    for rel, st in _regular_files([(os.fspath(root), "")], ignored, problems, unreadable_dirs):
+        stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode & 0o7777)
+        known = stamp_of(rel)
+        if known is not None:
+            seen.append(rel)
+            if known == stamp and stamp[1] < racy_after:
+                counted += 1
+                continue
+        if ignored(rel):
+            continue
+        counted += 1
+        changed[rel] = stamp
     return changed, seen, counted
 
 

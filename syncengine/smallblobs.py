@@ -25,6 +25,7 @@ guarded by a lock, because a push thread writes while the main thread reads.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -32,7 +33,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 BUSY_SECONDS = 60.0  # another process's batch commits in milliseconds; a minute means it is stuck
 _SCHEMA = "CREATE TABLE IF NOT EXISTS blob (digest TEXT PRIMARY KEY, stored_at REAL NOT NULL, data BLOB NOT NULL)"
@@ -143,28 +144,17 @@ class SmallBlobs:
         A name already present keeps its bytes and takes the new stamp, so gc's
         grace period counts from the latest store.
         """
-        with self._lock:
-            try:
-                con = self._open(create=True)
-                assert con is not None
-                con.execute("BEGIN IMMEDIATE")
-                try:
-                    if self._one_step:
-                        places, offset = [], 1
-                        for name, data in rows:
-                            places.append((name, offset, len(data)))
-                            offset += len(data)
-                        con.execute(_PUT_ONE_STEP, (json.dumps(places), b"".join(data for _n, data in rows), stamp))
-                    else:
-                        con.executemany(_PUT_ROW, [(name, stamp, data) for name, data in rows])
-                    before_commit()
-                    con.execute("COMMIT")
-                except BaseException:
-                    if con.in_transaction:
-                        con.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as exc:
-                raise os_error(exc, self.path) from exc
+        with self._transaction(create=True) as con:
+            assert con is not None
+            if self._one_step:
+                places, offset = [], 1
+                for name, data in rows:
+                    places.append((name, offset, len(data)))
+                    offset += len(data)
+                con.execute(_PUT_ONE_STEP, (json.dumps(places), b"".join(data for _n, data in rows), stamp))
+            else:
+                con.executemany(_PUT_ROW, [(name, stamp, data) for name, data in rows])
+            before_commit()
 
     def get(self, digest: str) -> bytes | None:
         found = self._query("SELECT data FROM blob WHERE digest = ?", (digest,))
@@ -185,15 +175,22 @@ class SmallBlobs:
         """Every blob as (name, stored at, bytes it takes)."""
         return self._query("SELECT digest, stored_at, length(data) FROM blob ORDER BY digest")
 
-    def _write(self, sql: str, rows: Iterable[Sequence[object]]) -> None:
+    @contextlib.contextmanager
+    def _transaction(self, create: bool) -> Iterator[sqlite3.Connection | None]:
+        """One write transaction (BEGIN IMMEDIATE: writers of other processes wait); rolled back on any error.
+
+        Yields None, and writes nothing, when ``create`` is false and the
+        store never had a small blob.
+        """
         with self._lock:
             try:
-                con = self._open(create=False)
+                con = self._open(create=create)
                 if con is None:
+                    yield None
                     return
                 con.execute("BEGIN IMMEDIATE")
                 try:
-                    con.executemany(sql, rows)
+                    yield con
                     con.execute("COMMIT")
                 except BaseException:
                     if con.in_transaction:
@@ -201,6 +198,11 @@ class SmallBlobs:
                     raise
             except sqlite3.Error as exc:
                 raise os_error(exc, self.path) from exc
+
+    def _write(self, sql: str, rows: Iterable[Sequence[object]]) -> None:
+        with self._transaction(create=False) as con:
+            if con is not None:
+                con.executemany(sql, rows)
 
     def set_stored_at(self, digest: str, when: float) -> None:
         self._write("UPDATE blob SET stored_at = ? WHERE digest = ?", [(when, digest)])
