@@ -36,6 +36,7 @@ from typing import cast
 from syncengine.durable import Batch
 from syncengine.errors import HashMismatch, SyncEngineError
 from syncengine.fsops import CHUNK, FileStat, _open_nofollow, check_fault, failpoint, mapped, os_error
+from syncengine.protocol import deflate
 from syncengine.smallblobs import SmallBlobs
 
 MAGIC = b"SEB1"
@@ -55,7 +56,7 @@ def _encode(data: bytes) -> bytes:
         # It takes one 4 KiB block of disk compressed or not: the deflate (a third
         # of storing a first push's bases) would buy nothing, and reads skip the inflate.
         return MAGIC + RAW + data
-    packed = zlib.compress(data, _LEVEL)
+    packed = deflate(data, _LEVEL)
     raw = len(data) >= 4096 and len(packed) > len(data) * 0.95  # as put_stream decides
     return MAGIC + RAW + data if raw else MAGIC + ZLIB + packed
 

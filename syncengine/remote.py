@@ -910,7 +910,7 @@ def _deflated(blobs: list[tuple[str, bytes]]) -> tuple[tuple[p.PackEntry, ...], 
     entries: list[p.PackEntry] = []
     parts: list[bytes] = []
     for digest, data in blobs:
-        packed = zlib.compress(data, GZIP_LEVEL) if len(data) > 64 else data
+        packed = p.deflate(data, GZIP_LEVEL) if len(data) > 64 else data
         if len(packed) < len(data) * 0.95:
             entries.append(p.PackEntry(digest, len(data), len(packed)))
             parts.append(packed)
@@ -931,7 +931,7 @@ def _worth_compressing(raw: bytes) -> bool:
         return True
     middle = len(raw) // 2
     sample = raw[middle:middle + _SAMPLE] + raw[-_SAMPLE:]
-    return len(zlib.compress(sample, GZIP_LEVEL)) < len(sample) * 0.9
+    return len(p.deflate(sample, GZIP_LEVEL)) < len(sample) * 0.9
 
 
 def _safe_json(resp: requests.Response) -> dict[str, Any]:

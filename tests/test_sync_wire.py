@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 
 import pytest
 
@@ -222,3 +223,15 @@ def test_request_bodies_over_1024_bytes_go_gzipped(kit, proxy):
     assert entries[2][0].deflated is None and entries[2][1] in (b"t\n", b"0\n")
     accepted = [{k.lower(): v for k, v in h.items()}.get("accept-encoding", "") for _m, _p, h, _b in proxy.received]
     assert all("gzip" in a for a in accepted)  # and answers may come gzipped
+
+
+@pytest.mark.parametrize("size", [0, 1, 300, 3000, 5000, 70_000])
+def test_a_blob_is_deflated_with_a_window_no_larger_than_it_and_any_inflater_reads_it(size):
+    data = (b'{"zone": {"field": %d}}\n' % size * (size // 20 + 1))[:size]
+    packed = p.deflate(data)
+    window = 1 << ((packed[0] >> 4) + 8)  # RFC 1950: CINFO, the window's log2 less 8
+    assert window <= max(512, 1 << max(0, size - 1).bit_length())
+    assert window <= 32 * 1024
+    assert zlib.decompress(packed) == data
+    inflater = zlib.decompressobj()
+    assert inflater.decompress(packed) == data and inflater.eof

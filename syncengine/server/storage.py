@@ -30,7 +30,7 @@ from typing import Any
 
 from syncengine.errors import BusyError, UsageError
 from syncengine.paths import casefold_key
-from syncengine.protocol import CommitItem, CommitResult, CurrentDoc, check_workspace
+from syncengine.protocol import CommitItem, CommitResult, CurrentDoc, check_workspace, deflate
 from syncengine.server.db import is_postgres, make_models, migrate, open_database, translated
 
 _ZLIB_LEVEL = 1
@@ -82,7 +82,7 @@ class CommitOutcome:
 
 def compress_chunk(data: bytes) -> tuple[bool, bytes]:
     """(compressed?, stored bytes): raw when zlib does not save at least 5%."""
-    packed = zlib.compress(data, _ZLIB_LEVEL)
+    packed = deflate(data, _ZLIB_LEVEL)
     if len(packed) < len(data) * 0.95:
         return True, packed
     return False, data
