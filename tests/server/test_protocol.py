@@ -157,3 +157,79 @@ def test_pack_groups_respect_both_limits():
     assert all(
         sum(size_of[h] for h in g) <= p.MAX_PACK_BYTES and len(g) <= p.MAX_HASHES for g in groups
     )
+
+
+def _op_id_by_the_recipe(client, doc, base, path, digest, executable) -> str:
+    """docs/protocol.md's recipe, spelled out with the json module (op ids are stored: never change it)."""
+    import hashlib
+    import json
+
+    canon = json.dumps(
+        [client, doc, base, path, digest if digest is not None else "deleted", bool(executable)],
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.text(max_size=8),
+    st.text(max_size=8),
+    st.none() | st.integers(1, 2**63 - 1),
+    st.text(st.characters(blacklist_categories=("Cs",)), max_size=20),
+    st.none() | hashes,
+    st.booleans() | st.sampled_from([0, 1]),
+)
+def test_op_ids_are_the_json_recipe_byte_for_byte(client, doc, base, path, digest, executable):
+    """make_op_id's assembled string is what json.dumps writes, quotes and control characters included."""
+    assert p.make_op_id(client, doc, base, path, digest, executable) == _op_id_by_the_recipe(
+        client, doc, base, path, digest, executable
+    )
+
+
+def test_commit_items_refuse_what_the_strict_checks_refuse():
+    """The quick path of CommitItem.from_dict accepts nothing the field checks would refuse."""
+    good = p.to_dict(p.CommitItem.make("c1", "doc1", "a/b.json", 3, "a" * 64))
+    assert p.CommitItem.from_dict(good) == p.CommitItem.make("c1", "doc1", "a/b.json", 3, "a" * 64)
+    bad = [
+        {"base_rev": True},
+        {"base_rev": 0},
+        {"base_rev": 1 << 63},
+        {"base_rev": 1.0},
+        {"hash": "A" * 64},
+        {"hash": "a" * 63},
+        {"hash": 0},
+        {"op_id": None},
+        {"executable": 1},
+        {"doc_id": "-x"},
+        {"doc_id": "x" * 129},
+        {"path": None},
+        {"path": "x" * (4 * p.MAX_PATH_BYTES + 1)},
+    ]
+    for change in bad:
+        with pytest.raises(p.ProtocolError, match=next(iter(change))):
+            p.CommitItem.from_dict({**good, **change})
+    for key in good:
+        with pytest.raises(p.ProtocolError, match=f"missing field '{key}'"):
+            p.CommitItem.from_dict({k: v for k, v in good.items() if k != key})
+
+
+def test_pack_headers_and_hash_lists_refuse_each_bad_entry_by_index():
+    """A bad hash or size deep in a long list is refused, naming where it is."""
+    entries = [[f"{i:064x}", 10, 5] for i in range(999)]
+    assert len(p.PackHeader.decode(p.json.dumps({"blobs": entries}).encode()).blobs) == 999
+    for bad, where in (
+        (["A" * 64, 10], "blobs\\[998\\]"),
+        ([f"{0:064x}", 10, 10], "blobs\\[998\\]"),
+        ([f"{0:064x}", True], "blobs\\[998\\]"),
+        ([f"{0:064x}", 10, 5, 1], "blobs\\[998\\]"),
+        ("x", "blobs\\[998\\]"),
+    ):
+        with pytest.raises(p.ProtocolError, match=where):
+            p.PackHeader.decode(p.json.dumps({"blobs": [*entries[:998], bad]}).encode())
+    hashes_ = [f"{i:064x}" for i in range(1000)]
+    assert p.hash_list({"hashes": hashes_}) == tuple(hashes_)
+    for bad in ("A" * 64, None, "a" * 65):
+        with pytest.raises(p.ProtocolError, match="hashes\\[999\\]"):
+            p.hash_list({"hashes": [*hashes_[:999], bad]})
