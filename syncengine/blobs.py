@@ -180,7 +180,7 @@ class BlobStore:
                     os.unlink(tmp)
 
     def put_many(self, items: Sequence[bytes], expect: Sequence[str | None] | None = None,
-                 ) -> list[str | SyncEngineError]:
+                 *, hashed: bool = False) -> list[str | SyncEngineError]:
         """Store blobs together; per item, its sha256 or why it was not stored.
 
         One item's failure (a full disk, bytes that do not match ``expect``)
@@ -190,6 +190,10 @@ class BlobStore:
         fails every item that depended on it: nothing is named whose bytes
         may not be on disk. Each item is held whole in memory, as it already
         is by the caller; large files go through :meth:`put_stream`.
+
+        With ``hashed``, the caller has just hashed each item to its name in
+        ``expect`` (a push checks what it reads against the journal): the
+        store takes those names instead of hashing them all again.
         """
         results: list[str | SyncEngineError | None] = [None] * len(items)
         small: dict[str, list[int]] = {}  # name -> the items with these bytes, for the table
@@ -201,8 +205,8 @@ class BlobStore:
             batch: Batch | None = None
             try:
                 for i, data in enumerate(items):
-                    name = hashlib.sha256(data).hexdigest()
                     wanted = expect[i] if expect else None
+                    name = wanted if hashed and wanted is not None else hashlib.sha256(data).hexdigest()
                     if wanted is not None and name != wanted:
                         results[i] = HashMismatch(f"content hashes to {name[:12]}, expected {wanted[:12]}")
                     elif len(data) <= SMALL:

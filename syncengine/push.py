@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +35,7 @@ from syncengine import conflicts as strategies
 from syncengine import protocol as p
 from syncengine.blobs import BlobStore
 from syncengine.errors import FileSystemError
-from syncengine.fsops import ChangedUnderfoot, failpoint, move_safe, read_bytes, sha256
+from syncengine.fsops import ChangedUnderfoot, failpoint, move_safe, read_hashed
 from syncengine.journal import DocRow, Journal, now_ns
 from syncengine.models import Kind, ScanProblem
 from syncengine.paths import casefold_key
@@ -73,17 +74,16 @@ def _blob_source(root: Path, row: DocRow, blobs: BlobStore, keep: list[bytes] | 
     With ``keep``, a small mergeable document's bytes are appended to it for
     the caller to store (see :func:`_keep_bases`) instead of stored here.
     """
-    path = root / row.path
     if (row.size or 0) <= SMALL:
-        data, _st = read_bytes(path)
-        if sha256(data) != row.hash:
-            raise ChangedUnderfoot("changed since the scan; it will go next round", paths=[row.path])
+        # A plain string: pathlib's join costs more than the read here.
+        data = read_hashed(os.path.join(root, row.path), row.size, row.hash)
         if Kind(row.kind).mergeable:
             if keep is None:
                 blobs.put_bytes(data)
             else:
                 keep.append(data)
         return BlobSource(row.hash, len(data), data=data)
+    path = root / row.path
     digest, st = blobs.put_file(path)
     if digest != row.hash:
         raise ChangedUnderfoot("changed since the scan; it will go next round", paths=[row.path])
@@ -105,7 +105,8 @@ def _keep_bases(blobs: BlobStore, keep: dict[str, bytes],
     digests = list(keep)
 
     def put() -> dict[str, Exception]:
-        results = blobs.put_many([keep[digest] for digest in digests], expect=digests)
+        # Each was checked against its digest as it was read (read_hashed): no second hash here.
+        results = blobs.put_many([keep[digest] for digest in digests], expect=digests, hashed=True)
         return {digest: result for digest, result in zip(digests, results, strict=True)
                 if isinstance(result, Exception)}
 

@@ -83,7 +83,13 @@ _USER_AGENT = f"syncengine-client (protocol {p.PROTOCOL_VERSION})"
 
 @dataclass(frozen=True, slots=True)
 class BlobSource:
-    """A blob to upload: its bytes, or a file path plus the hash the caller computed."""
+    """A blob to upload: its bytes, or a file path plus the hash the caller computed.
+
+    Bytes given here are known to hash to ``hash`` (:meth:`from_bytes` hashes
+    them; a push checks each document's bytes against the journal as it
+    reads them), so an upload sends them without hashing them again; a
+    file is hashed as it is read, since it may have changed since.
+    """
 
     hash: str
     size: int
@@ -702,8 +708,12 @@ class HttpRemote(Remote):
         for group in p.pack_groups([(b.hash, b.size) for b in small]):
             blobs_in = []
             for digest in group:
+                source = sources[digest]
+                if source.data is not None:
+                    blobs_in.append((digest, source.data))
+                    continue
                 try:
-                    data = sources[digest].read()
+                    data = source.read()
                 except OSError as exc:
                     failed.append(BlobFailure(digest, f"cannot read: {exc.strerror or exc}"))
                     continue

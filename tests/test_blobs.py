@@ -123,6 +123,18 @@ def test_a_stream_that_does_not_match_its_expected_hash_stores_nothing(store: Bl
     assert list(store.tmp.iterdir()) == []
 
 
+def test_bytes_the_caller_has_hashed_are_stored_under_its_names(store: BlobStore):
+    """put_many(hashed=True) takes the caller's names (a push has just checked them); unnamed items are hashed."""
+    small, large = TEXT, LARGE_TEXT
+    names = [hashlib.sha256(small).hexdigest(), hashlib.sha256(large).hexdigest(), None]
+    got = store.put_many([small, large, b"unnamed"], names, hashed=True)
+    assert got == [*names[:2], hashlib.sha256(b"unnamed").hexdigest()]
+    assert [store.get(name) for name in got] == [small, large, b"unnamed"]
+    # Without it, bytes that do not match their name are refused as before.
+    (refused,) = store.put_many([b"other bytes"], [names[0]])
+    assert isinstance(refused, HashMismatch)
+
+
 def test_a_write_cut_short_leaves_no_named_blob(store: BlobStore):
     """A stream that fails midway (a killed download) leaves no blob and no temp file."""
 
