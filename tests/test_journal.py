@@ -110,6 +110,33 @@ def test_one_batch_that_deletes_a_file_and_creates_it_again_is_one_document(tmp_
         journal.close()
 
 
+def test_bulk_writes_store_what_each_field_would_make_of_a_value(tmp_path: Path):
+    """Bulk inserts and updates pass a value of its field's plain type as it is and any other through the
+    field's db_value, row by row: a bool in an integer column, an int in a text one, a str enum, a str
+    subclass, rows of mixed types in one run, and the key itself given as an int."""
+    from syncengine.journal import Journal
+    from syncengine.models import Kind, LocalChange, Op
+
+    class Name(str):
+        pass
+
+    journal = Journal.open(tmp_path / "journal.db")
+    try:
+        stamp = {"size": 3, "mtime_ns": 1, "ctime_ns": 1, "inode": 7, "mode": 0o644}
+        journal.record_local([LocalChange(Op.CREATED, "a.json", hash="a" * 64, kind=Kind.JSON, **stamp),
+                              LocalChange(Op.CREATED, "b.md", hash="b" * 64, kind="text", **{**stamp, "size": True})])
+        a, b = journal.doc_by_path("a.json"), journal.doc_by_path("b.md")
+        journal.batch(updates=[(a.doc_id, {"remote_path": Name("a.json"), "remote_rev": True, "error": 5}),
+                               (b.doc_id, {"remote_path": "b.md", "remote_rev": 2, "error": None})])
+        journal.batch(updates=[(123, {"error": "none has this id"})])
+        rows = list(journal.execute("SELECT path, kind, typeof(kind), size, typeof(size), remote_path, remote_rev,"
+                                    " typeof(remote_rev), error, typeof(error) FROM document ORDER BY path"))
+        assert rows == [("a.json", "json", "text", 3, "integer", "a.json", 1, "integer", "5", "text"),
+                        ("b.md", "text", "text", 1, "integer", "b.md", 2, "integer", None, "null")]
+    finally:
+        journal.close()
+
+
 def test_the_unsettled_documents_are_read_through_their_partial_index(tmp_path: Path):
     """Migration 2 indexes the documents out of step; a journal made before it gains the index on open, and the
     round's read of them (Journal.unsettled) uses it — reading only those rows — and finds the same documents."""
