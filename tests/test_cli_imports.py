@@ -86,6 +86,13 @@ def test_status_and_sync_json_import_only_their_own_stack(tmp_path: Path, kit):
     assert "syncengine.remote" not in modules and "syncengine.merge" not in modules
 
 
+def test_init_writes_its_config_without_tomlkit(tmp_path: Path, sample_tree: Path):
+    """`init` writes config.toml by hand (Config.to_toml): tomlkit is only for editing a user's TOML document."""
+    code, modules = imported_by(tmp_path, "init", sample_tree, "--server", "http://127.0.0.1:9", "--workspace", "w")
+    assert code == 0 and (sample_tree / ".syncengine" / "config.toml").is_file()
+    assert not _tops(modules) & set(NEVER_FOR_A_CLIENT), sorted(_tops(modules) & set(NEVER_FOR_A_CLIENT))
+
+
 def test_a_human_status_on_a_pipe_prints_plain_text_without_rich(tmp_path: Path, sample_ws):
     """On a pipe a person's output is plain text, written without rich (~45 ms of imports); what rich would
     print for the same lines on a pipe, and rich itself once something asks for a terminal (TTY_COMPATIBLE)."""
