@@ -88,6 +88,10 @@ def compress_chunk(data: bytes) -> tuple[bool, bytes]:
     return False, data
 
 
+_DOC_COLUMNS = ["path", "path_key", "rev", "hash", "deleted", "executable", "size"]  # as put_doc takes them
+_json_str = json.encoder.encode_basestring_ascii  # a str as json.dumps writes it
+
+
 @dataclass(slots=True)
 class _Doc:
     """A document as one commit sees it (kept current as its items apply)."""
@@ -111,13 +115,16 @@ class _CommitState:
         self.docs: dict[str, _Doc] = {}
         self.owners: dict[str, _Doc] = {}  # live path_key -> the document holding it
         self.sizes: dict[str, int] = {}
-        self.doc_writes: list[tuple[str, dict[str, Any]]] = []  # ("insert"|"update", values)
+        # ("insert"|"update", doc_id, values in _DOC_COLUMNS order)
+        self.doc_writes: list[tuple[str, str, tuple]] = []
         self.change_rows: list[tuple] = []
         self.op_rows: list[tuple] = []
         self.now = time.time_ns()  # received_ns and created_ns of every row this request writes
         op_ids = list(dict.fromkeys(i.op_id for i in items))
         doc_ids = list(dict.fromkeys(i.doc_id for i in items))
-        keys = list(dict.fromkeys(casefold_key(i.path) for i in items if i.hash is not None))
+        # path -> path key, worked out once per request (NFC + casefold), read again by _apply
+        self.keys = {i.path: casefold_key(i.path) for i in items if i.hash is not None}
+        keys = list(dict.fromkeys(self.keys.values()))
         hashes = list(dict.fromkeys(i.hash for i in items if i.hash is not None))
         db = storage.db
         self.ops.update(_rows_in(db, 'SELECT "op_id", "result" FROM "op" WHERE "workspace_id" = {q} '
@@ -138,18 +145,18 @@ class _CommitState:
         if doc.path_key is not None:
             self.owners[doc.path_key] = doc
 
-    def put_doc(self, doc_id: str, doc: _Doc | None, fields: dict[str, Any]) -> None:
-        """Record a document's new state: in memory now, in the database at write()."""
+    def put_doc(self, doc_id: str, doc: _Doc | None, values: tuple) -> None:
+        """Record a document's new state (``values`` as _DOC_COLUMNS): in memory now, in the database at write()."""
+        path, path_key, rev, digest, deleted, executable, _size = values
         if doc is None:
-            self.doc_writes.append(("insert", {"doc_id": doc_id, **fields}))
-            self._remember(_Doc(doc_id, fields["rev"], fields["path"], fields["path_key"], fields["hash"],
-                                fields["deleted"], fields["executable"]))
+            self.doc_writes.append(("insert", doc_id, values))
+            self._remember(_Doc(doc_id, rev, path, path_key, digest, deleted, executable))
             return
-        self.doc_writes.append(("update", {"doc_id": doc_id, **fields}))
+        self.doc_writes.append(("update", doc_id, values))
         if doc.path_key is not None and self.owners.get(doc.path_key) is doc:
             del self.owners[doc.path_key]
-        doc.rev, doc.path, doc.path_key = fields["rev"], fields["path"], fields["path_key"]
-        doc.hash, doc.deleted, doc.executable = fields["hash"], fields["deleted"], fields["executable"]
+        doc.rev, doc.path, doc.path_key = rev, path, path_key
+        doc.hash, doc.deleted, doc.executable = digest, deleted, executable
         if doc.path_key is not None:
             self.owners[doc.path_key] = doc
 
@@ -157,20 +164,20 @@ class _CommitState:
         """The decided rows, in bulk; documents in decision order (path keys are unique)."""
         m, db = self.storage.m, self.storage.db
         D = m.Document
-        doc_cols = ["path", "path_key", "rev", "hash", "deleted", "executable", "size"]
-        run: list[dict[str, Any]] = []
+        ws_id = self.ws_id
+        run: list[tuple[str, tuple]] = []
         kind = None
-        for op, values in [*self.doc_writes, ("end", {})]:
+        for op, doc_id, values in [*self.doc_writes, ("end", "", ())]:
             if run and op != kind:
                 if kind == "insert":
-                    _executemany(db, D, ["workspace", "doc_id", *doc_cols],
-                                 [[self.ws_id, v["doc_id"], *(v[c] for c in doc_cols)] for v in run])
+                    _executemany(db, D, ["workspace", "doc_id", *_DOC_COLUMNS],
+                                 [(ws_id, doc_id_, *row) for doc_id_, row in run])
                 else:
-                    _executemany(db, D, doc_cols, [[*(v[c] for c in doc_cols), self.ws_id, v["doc_id"]]
-                                                   for v in run], where=["workspace", "doc_id"])
+                    _executemany(db, D, _DOC_COLUMNS, [(*row, ws_id, doc_id_) for doc_id_, row in run],
+                                 where=["workspace", "doc_id"])
                 run = []
             kind = op
-            run.append(values)
+            run.append((doc_id, values))
         _executemany(db, m.Change, ["workspace", "seq", "doc_id", "path", "old_path", "hash", "deleted",
                                     "executable", "size", "op_id", "client_id", "received_ns"], self.change_rows)
         _executemany(db, m.Op, ["workspace", "op_id", "result", "created_ns"], self.op_rows)
@@ -636,15 +643,21 @@ class Storage:
                     results.append(json.loads(prior))
                     continue
                 result = self._apply(state, client_id, item, last_seq + 1)
-                if result.status == "ok" and result.seq == last_seq + 1:
-                    last_seq += 1
-                answer = result.to_dict()
-                if result.status == "ok":
+                if type(result) is int:
+                    # ok at that rev (and seq), written by hand: json.dumps of this dict,
+                    # byte for byte, cost more than the rest of an item's bookkeeping.
+                    if result == last_seq + 1:
+                        last_seq += 1
+                    answer = {"status": "ok", "doc_id": item.doc_id, "rev": result, "seq": result}
+                    encoded = (
+                        f'{{"status": "ok", "doc_id": {_json_str(item.doc_id)}, "rev": {result}, "seq": {result}}}'
+                    )
                     # Only applied ops are remembered: a refused op changed nothing,
                     # and pinning its refusal would keep answering a stale conflict.
-                    encoded = json.dumps(answer)
                     state.ops[item.op_id] = encoded
                     state.op_rows.append((ws_id, item.op_id, encoded, state.now))
+                else:
+                    answer = result.to_dict()
                 results.append(answer)
             state.write()
             if last_seq != start:
@@ -657,7 +670,8 @@ class Storage:
             doc.doc_id, doc.rev, doc.path, doc.hash, bool(doc.deleted), bool(doc.executable)
         )
 
-    def _apply(self, state: _CommitState, client_id: str, item: CommitItem, seq: int) -> CommitResult:
+    def _apply(self, state: _CommitState, client_id: str, item: CommitItem, seq: int) -> CommitResult | int:
+        """The item's refusal, or the rev it is ok at (``seq`` when it wrote a change)."""
         doc = state.docs.get(item.doc_id)
         if item.base_rev is None and doc is not None:
             return CommitResult("conflict", item.doc_id, current=self._current(doc))
@@ -680,9 +694,7 @@ class Storage:
                     error="unknown_doc",
                     message="cannot delete a document the server does not have",
                 )
-            return CommitResult(
-                "ok", item.doc_id, rev=doc.rev, seq=doc.rev
-            )  # already deleted: no-op
+            return doc.rev  # already deleted: no-op
         if (
             doc is not None
             and not deleting
@@ -691,13 +703,11 @@ class Storage:
             and doc.hash == item.hash
             and bool(doc.executable) == item.executable
         ):
-            return CommitResult(
-                "ok", item.doc_id, rev=doc.rev, seq=doc.rev
-            )  # identical: no new revision
+            return doc.rev  # identical: no new revision
         size = None
         key = None
         if not deleting:
-            key = casefold_key(item.path)
+            key = state.keys[item.path]
             occupant = state.owners.get(key)
             if occupant is not None and occupant.doc_id != item.doc_id:
                 return CommitResult("conflict", item.doc_id, current=self._current(occupant))
@@ -711,21 +721,12 @@ class Storage:
                 )
         path = doc.path if deleting else item.path
         old_path = doc.path if doc is not None and not doc.deleted and doc.path != path else None
-        fields = {
-            "path": path,
-            "path_key": key,
-            "rev": seq,
-            "hash": item.hash,
-            "deleted": deleting,
-            "executable": item.executable,
-            "size": size,
-        }
-        state.put_doc(item.doc_id, doc, fields)
+        state.put_doc(item.doc_id, doc, (path, key, seq, item.hash, deleting, item.executable, size))
         state.change_rows.append(
             (state.ws_id, seq, item.doc_id, path, old_path, item.hash, deleting,
              item.executable, size, item.op_id, client_id, state.now)
         )
-        return CommitResult("ok", item.doc_id, rev=seq, seq=seq)
+        return seq
 
     # ------------------------------------------------------------ upkeep
 

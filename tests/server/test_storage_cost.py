@@ -9,6 +9,7 @@ back into missing, pack or commit fails here rather than in a benchmark.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -106,3 +107,22 @@ def test_a_commit_of_100_items_runs_a_fixed_number_of_selects(traced):
     replay = storage.commit(ws, "c1", edits)
     assert replay.applied == 0 and replay.results == outcome.results
     assert len(_selects(statements)) <= 5
+
+
+def test_an_applied_op_is_stored_as_the_json_of_its_answer_and_replayed_as_it(traced):
+    """The op row's text (written by hand, not by json.dumps) is json.dumps of the answer, byte for byte."""
+    storage, _ = traced
+    ws = storage.ensure_workspace("w")
+    blobs = _blobs(3)
+    _store(storage, ws, blobs)
+    items = [p.CommitItem.make("c1", f"doc-{i}", f"d/{i}.json", None, h) for i, (h, _) in enumerate(blobs)]
+    items.append(p.CommitItem.make("c1", "doc-0", "d/0.json", 1, blobs[0][0]))  # identical: ok at rev 1
+    first = storage.commit(ws, "c1", items)
+    assert [r["rev"] for r in first.results] == [1, 2, 3, 1] and first.applied == 3
+    with storage.db.connection_context():
+        stored = dict(storage.db.execute_sql('SELECT "op_id", "result" FROM "op"').fetchall())
+    assert len(stored) == 4
+    for item, answer in zip(items, first.results, strict=True):
+        assert stored[item.op_id] == json.dumps(answer)
+    again = storage.commit(ws, "c1", items)
+    assert again.results == first.results and again.applied == 0
