@@ -11,8 +11,8 @@ from cli.main import Context
 from cli.render import emit, emit_json_line, json_option
 from cli.workspace_cmds import open_workspace
 from syncengine import daemonctl
-from syncengine.models import DaemonInfo, Event
 from syncengine.progress import CHANNELS
+from syncengine.views import DaemonInfo, Event
 from syncengine.workspace import Layout, find_root
 
 if TYPE_CHECKING:

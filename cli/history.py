@@ -9,7 +9,7 @@ import click
 from cli.main import Context
 from cli.render import emit, escape, human_size, json_option, short_hash
 from cli.workspace_cmds import open_workspace
-from syncengine.models import DocDiff, LogEntry, RestoreReport, SnapshotInfo
+from syncengine.views import DocDiff, LogEntry, RestoreReport, SnapshotInfo
 
 if TYPE_CHECKING:
     from rich.console import Console

@@ -10,10 +10,11 @@ import click
 from cli.main import Context
 from cli.render import emit, escape, json_option
 from syncengine import Workspace
-from syncengine.models import Status
 
 if TYPE_CHECKING:
     from rich.console import Console
+
+    from syncengine.views import Status
 
 
 def open_workspace(ctx: Context) -> Workspace:

@@ -23,30 +23,35 @@ from syncengine.errors import JournalDamaged, UsageError
 from syncengine.fsops import clean_temp_files, failpoint, recover_trash
 from syncengine.journal import EventLog, Journal, integrity_ok
 from syncengine.locks import FileLock
-from syncengine.models import (
-    ConflictInfo,
-    DocDiff,
-    InitReport,
-    LogEntry,
-    PendingCounts,
-    PendingItem,
-    RepairReport,
-    RestoreReport,
-    ScanReport,
-    SnapshotInfo,
-    Status,
-    SyncInfo,
-)
+from syncengine.models import ConflictInfo, ScanReport
 from syncengine.paths import IgnoreRules, check_path
 
 if TYPE_CHECKING:
     from syncengine.blobs import BlobStore
+    from syncengine.views import (
+        DocDiff,
+        InitReport,
+        LogEntry,
+        PendingItem,
+        RepairReport,
+        RestoreReport,
+        SnapshotInfo,
+        Status,
+        SyncInfo,
+    )
 
 def _history():
     """syncengine.history on first use: it loads the blob store's stack, which a no-op sync never needs."""
     from syncengine import history
 
     return history
+
+
+def _views():
+    """syncengine.views on first use: a sync round shows none of them (see syncengine.models)."""
+    from syncengine import views
+
+    return views
 
 
 MAX_PARSE = 8 << 20  # status checks that pending documents parse up to this size ...
@@ -106,7 +111,7 @@ class Workspace:
             save_token(layout.token, token)
         ws = cls(layout.root)
         report = ws.scan()
-        return ws, InitReport(str(ws.root), True, ws.config.server.url or None,
+        return ws, _views().InitReport(str(ws.root), True, ws.config.server.url or None,
                               ws.config.server.workspace or None, report.files)
 
     @classmethod
@@ -126,7 +131,7 @@ class Workspace:
         except BaseException:
             ws.close()
             raise
-        return ws, InitReport(str(ws.root), False, url, name, report.files)
+        return ws, _views().InitReport(str(ws.root), False, url, name, report.files)
 
     @property
     def journal(self) -> Journal:
@@ -222,10 +227,10 @@ class Workspace:
         report = self.scan()
         journal = self.journal
         pending = self._pending()
-        counts = PendingCounts(**{op: sum(1 for p in pending if p.op == op)
+        counts = _views().PendingCounts(**{op: sum(1 for p in pending if p.op == op)
                                   for op in ("created", "modified", "deleted", "moved")})
         snaps = journal.snapshots(limit=1)
-        return Status(
+        return _views().Status(
             root=str(self.root),
             files=report.files,
             pending=counts,
@@ -292,16 +297,17 @@ class Workspace:
             "WHERE NOT (path IS base_path AND hash IS base_hash AND base_rev IS NOT NULL) "
             "AND NOT (path IS NULL AND base_hash IS NULL) ORDER BY COALESCE(path, base_path)"
         )
+        item = _views().PendingItem
         items = []
         for path, base_rev, base_path, base_hash in rows:
             if path is None:
-                items.append(PendingItem("deleted", base_path))
+                items.append(item("deleted", base_path))
             elif base_rev is None or base_hash is None:
-                items.append(PendingItem("created", path))
+                items.append(item("created", path))
             elif path != base_path:
-                items.append(PendingItem("moved", path, base_path))
+                items.append(item("moved", path, base_path))
             else:
-                items.append(PendingItem("modified", path))
+                items.append(item("modified", path))
         return items
 
     def _sync_info(self, stalled: bool = False) -> SyncInfo:
@@ -315,7 +321,7 @@ class Workspace:
                 "SELECT MIN(local_at) FROM document WHERE NOT (path IS base_path AND hash IS base_hash "
                 "AND base_rev IS NOT NULL) AND NOT (path IS NULL AND base_hash IS NULL)")), (None,))[0]
             why = stall_reason(state, oldest, self.config.daemon.stall_after)
-        return SyncInfo(
+        return _views().SyncInfo(
             server=server,
             workspace=self.config.server.workspace or state["workspace"],
             last_sync_at=_history().iso(state["last_sync_at"]),
@@ -532,7 +538,7 @@ class Workspace:
             ws = cls(root)
             files = ws.journal.count_present()
             ws.close()
-            return RepairReport(None, files, "ok")
+            return _views().RepairReport(None, files, "ok")
         ws = cls(root)
         clean_temp_files(root)
         try:
@@ -541,4 +547,4 @@ class Workspace:
                 raise JournalDamaged("the rebuilt journal failed its integrity check")
         finally:
             ws.close()
-        return RepairReport(str(moved) if moved else None, report.files, state)
+        return _views().RepairReport(str(moved) if moved else None, report.files, state)
