@@ -213,6 +213,32 @@ def test_a_batch_goes_in_row_by_row_where_sqlite_has_no_json_each(store: BlobSto
     assert all(store.get(hashlib.sha256(d).hexdigest()) == d for d in docs)
 
 
+def test_a_new_table_holds_several_documents_a_page_and_an_older_one_keeps_its_pages(tmp_path: Path):
+    """16 KiB pages for a new store (a 1-4 KB blob no longer takes a 4 KiB page to itself); an existing store,
+    made with SQLite's default pages, is used as it is: a page size never changes under a store's data."""
+    from syncengine.smallblobs import PAGE_SIZE
+
+    docs = [b'{"n": %d, "text": "%s"}' % (i, b"x" * 3000) for i in range(40)]
+    new = BlobStore(tmp_path / "new")
+    new.put_many(docs)
+    (tmp_path / "old").mkdir()
+    with sqlite3.connect(tmp_path / "old" / "small.db") as con:
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("CREATE TABLE blob (digest TEXT PRIMARY KEY, stored_at REAL NOT NULL, data BLOB NOT NULL)")
+    con.close()
+    old = BlobStore(tmp_path / "old")
+    old.put_many(docs)
+    pages = {}
+    for name, blobs in (("new", new), ("old", old)):
+        blobs.close()
+        with sqlite3.connect(blobs.small.path) as con:
+            pages[name] = tuple(con.execute(f"PRAGMA {what}").fetchone()[0] for what in ("page_size", "page_count"))
+        con.close()
+        assert [blobs.get(hashlib.sha256(d).hexdigest()) for d in docs] == docs
+    assert pages["new"][0] == PAGE_SIZE and pages["old"][0] == 4096
+    assert pages["new"][1] * 3 < pages["old"][1]  # fewer pages: fewer WAL frames to write and checkpoint
+
+
 def test_a_process_that_stored_blobs_leaves_no_wal_behind(tmp_path: Path):
     """The CLI skips the final garbage collection (gc.freeze) and a connection sits in a reference cycle: the store
     still closes it when it goes, or at exit, so the WAL is folded back and no small.db-wal is left."""
