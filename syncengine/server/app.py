@@ -52,7 +52,10 @@ class ServerSettings:
 
     limits: Limits = field(default_factory=Limits)
     tmp_dir: Path | None = None  # where streamed uploads are spooled before they are verified
-    gzip_level: int = 5
+    # Level 1, as the client's uploads: the answers of a 10k first sync (hash
+    # lists, commit results; 2.6 MB) cost 56-74 ms at level 5 and 20 ms at 1
+    # for 2% more bytes; a download pack of JSON 6.3x -> 5.2x for 2.5x less CPU.
+    gzip_level: int = 1
 
 
 # ---------------------------------------------------------------- helpers
