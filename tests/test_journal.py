@@ -115,6 +115,7 @@ def test_bulk_writes_store_what_each_field_would_make_of_a_value(tmp_path: Path)
     field's db_value, row by row: a bool in an integer column, an int in a text one, a str enum, a str
     subclass, rows of mixed types in one run, and the key itself given as an int."""
     from syncengine.journal import Journal
+    from syncengine.journal.api import _insert_rows
     from syncengine.models import Kind, LocalChange, Op
 
     class Name(str):
@@ -133,6 +134,13 @@ def test_bulk_writes_store_what_each_field_would_make_of_a_value(tmp_path: Path)
                                     " typeof(remote_rev), error, typeof(error) FROM document ORDER BY path"))
         assert rows == [("a.json", "json", "text", 3, "integer", "a.json", 1, "integer", "5", "text"),
                         ("b.md", "text", "text", 1, "integer", "b.md", 2, "integer", None, "null")]
+        # A field left out gets peewee's Python-side default, as insert_many would give it.
+        journal.batch(changes=[{"doc_id": a.doc_id, "path": "a.json", "op": "modified"}])
+        with journal.writing():
+            _insert_rows(journal.db, journal.m.Change, [{"doc_id": b.doc_id, "path": "b.md", "op": "moved", "at": 9}])
+        changes = list(journal.execute("SELECT doc_id, op, origin, at > 0 FROM change ORDER BY seq"))
+        assert changes == [(a.doc_id, "created", "local", 1), (b.doc_id, "created", "local", 1),
+                           (a.doc_id, "modified", "remote", 1), (b.doc_id, "moved", "local", 1)]
     finally:
         journal.close()
 
