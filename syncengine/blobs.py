@@ -50,8 +50,14 @@ ONE_BLOCK = 4096 - len(MAGIC) - 1  # blobs up to this size are stored raw: a 4 K
 SMALL = 16 * 1024
 
 
-def _encode(data: bytes) -> bytes:
-    """A blob's stored form (header + bytes), the same in the table and in a file."""
+def encode(data: bytes) -> bytes:
+    """A blob's stored form (header + bytes), the same in the table and in a file.
+
+    Public so that a push can make a base's stored form itself and send its
+    deflated bytes in the upload pack too (:func:`deflated_part`), instead
+    of deflating the same document twice; it hands the form to
+    :meth:`BlobStore.put_many` (``encoded``).
+    """
     if len(data) <= ONE_BLOCK:
         # It takes one 4 KiB block of disk compressed or not: the deflate (a third
         # of storing a first push's bases) would buy nothing, and reads skip the inflate.
@@ -59,6 +65,11 @@ def _encode(data: bytes) -> bytes:
     packed = deflate(data, _LEVEL)
     raw = len(data) >= 4096 and len(packed) > len(data) * 0.95  # as put_stream decides
     return MAGIC + RAW + data if raw else MAGIC + ZLIB + packed
+
+
+def deflated_part(stored: bytes) -> bytes | None:
+    """The zlib stream (protocol.deflate) inside a stored form, or None if it is stored raw."""
+    return stored[len(MAGIC) + 1:] if stored[len(MAGIC):len(MAGIC) + 1] == ZLIB else None
 
 
 def _decode(stored: bytes) -> bytes:
@@ -180,7 +191,7 @@ class BlobStore:
                     os.unlink(tmp)
 
     def put_many(self, items: Sequence[bytes], expect: Sequence[str | None] | None = None,
-                 *, hashed: bool = False) -> list[str | SyncEngineError]:
+                 *, hashed: bool = False, encoded: Sequence[bytes] | None = None) -> list[str | SyncEngineError]:
         """Store blobs together; per item, its sha256 or why it was not stored.
 
         One item's failure (a full disk, bytes that do not match ``expect``)
@@ -193,7 +204,9 @@ class BlobStore:
 
         With ``hashed``, the caller has just hashed each item to its name in
         ``expect`` (a push checks what it reads against the journal): the
-        store takes those names instead of hashing them all again.
+        store takes those names instead of hashing them all again. With
+        ``encoded``, each item's stored form (:func:`encode` of it) is
+        given too, made by a caller that needed its deflate anyway.
         """
         results: list[str | SyncEngineError | None] = [None] * len(items)
         small: dict[str, list[int]] = {}  # name -> the items with these bytes, for the table
@@ -221,7 +234,7 @@ class BlobStore:
                             results[i] = os_error(exc, "objects")
                             continue
                         small[name] = [i]
-                        rows.append((name, _encode(data)))
+                        rows.append((name, encoded[i] if encoded else encode(data)))
                     elif name in pending:
                         pending[name][1].append(i)
                     elif os.path.exists(os.path.join(self._dir, name[:2], name[2:])):
@@ -230,7 +243,7 @@ class BlobStore:
                         if batch is None:  # opened before the first write (see durable.Batch)
                             batch = stack.enter_context(Batch(self._dir))
                         try:
-                            pending[name] = (self._write_temp(data), [i])
+                            pending[name] = (self._write_temp(encoded[i] if encoded else encode(data)), [i])
                         except OSError as exc:
                             results[i] = os_error(exc, "objects")
                 stored = self._put_small(rows, small, results) if rows else False
@@ -294,12 +307,12 @@ class BlobStore:
         assert None not in results
         return cast("list[str | SyncEngineError]", results)
 
-    def _write_temp(self, data: bytes) -> str:
-        """One item's temp file (no fsync: put_many makes the batch durable at once)."""
+    def _write_temp(self, stored: bytes) -> str:
+        """One item's temp file, its stored form (no fsync: put_many makes the batch durable at once)."""
         tmp = os.path.join(self._tmp, f"{secrets.token_hex(8)}.part")
         try:
             check_fault("store", tmp)  # tests: a full disk or a denied write in the blob store
-            view = memoryview(_encode(data))
+            view = memoryview(stored)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
             try:
                 while view:

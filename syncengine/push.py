@@ -33,7 +33,7 @@ from typing import Any
 
 from syncengine import conflicts as strategies
 from syncengine import protocol as p
-from syncengine.blobs import BlobStore
+from syncengine.blobs import BlobStore, deflated_part, encode
 from syncengine.errors import FileSystemError
 from syncengine.fsops import ChangedUnderfoot, failpoint, move_safe, read_hashed
 from syncengine.journal import DocRow, Journal, now_ns
@@ -68,11 +68,14 @@ def commit_item(row: DocRow, client_id: str) -> p.CommitItem:
     return p.CommitItem.make(client_id, row.doc_id, row.path, base_rev, row.hash, bool((row.mode or 0) & 0o100))
 
 
-def _blob_source(root: Path, row: DocRow, blobs: BlobStore, keep: list[bytes] | None = None) -> BlobSource:
+def _blob_source(root: Path, row: DocRow, blobs: BlobStore,
+                 keep: list[tuple[bytes, bytes]] | None = None) -> BlobSource:
     """The bytes to upload, checked against the journal's hash (and kept as the next base).
 
-    With ``keep``, a small mergeable document's bytes are appended to it for
-    the caller to store (see :func:`_keep_bases`) instead of stored here.
+    With ``keep``, a small mergeable document's bytes and stored form are
+    appended to it for the caller to store (see :func:`_keep_bases`)
+    instead of stored here; a form the store deflates goes in the upload
+    pack as it is, so no document is deflated twice.
     """
     if (row.size or 0) <= SMALL:
         # A plain string: pathlib's join costs more than the read here.
@@ -81,7 +84,9 @@ def _blob_source(root: Path, row: DocRow, blobs: BlobStore, keep: list[bytes] | 
             if keep is None:
                 blobs.put_bytes(data)
             else:
-                keep.append(data)
+                stored = encode(data)
+                keep.append((data, stored))
+                return BlobSource(row.hash, len(data), data=data, deflated=deflated_part(stored))
         return BlobSource(row.hash, len(data), data=data)
     path = root / row.path
     digest, st = blobs.put_file(path)
@@ -90,7 +95,7 @@ def _blob_source(root: Path, row: DocRow, blobs: BlobStore, keep: list[bytes] | 
     return BlobSource.from_path(path, digest, st.size)
 
 
-def _keep_bases(blobs: BlobStore, keep: dict[str, bytes],
+def _keep_bases(blobs: BlobStore, keep: dict[str, tuple[bytes, bytes]],
                 pool: ThreadPoolExecutor | None) -> Callable[[], dict[str, Exception]]:
     """Start storing the next bases of a wave; the returned wait() gives the hashes that failed, with why.
 
@@ -106,7 +111,8 @@ def _keep_bases(blobs: BlobStore, keep: dict[str, bytes],
 
     def put() -> dict[str, Exception]:
         # Each was checked against its digest as it was read (read_hashed): no second hash here.
-        results = blobs.put_many([keep[digest] for digest in digests], expect=digests, hashed=True)
+        results = blobs.put_many([keep[digest][0] for digest in digests], expect=digests, hashed=True,
+                                 encoded=[keep[digest][1] for digest in digests])
         return {digest: result for digest, result in zip(digests, results, strict=True)
                 if isinstance(result, Exception)}
 
@@ -346,14 +352,14 @@ def _send_wave(root: Path, blobs: BlobStore, remote: Remote, rows: list[DocRow],
     """
     sent = _Sent()
     sources: dict[str, BlobSource] = {}
-    keep: dict[str, bytes] = {}
+    keep: dict[str, tuple[bytes, bytes]] = {}
     ready: list[DocRow] = []
     for row in rows:
         if stop.is_set():
             return _Sent()
         try:
             if row.path is not None and row.hash not in sources:
-                kept: list[bytes] = []
+                kept: list[tuple[bytes, bytes]] = []
                 sources[row.hash] = _blob_source(root, row, blobs, kept)
                 if kept:
                     keep[row.hash] = kept[0]

@@ -95,6 +95,8 @@ class BlobSource:
     size: int
     data: bytes | None = None
     path: Path | None = None
+    # The bytes' zlib stream (protocol.deflate), when the caller made one anyway: a pack sends it as it is.
+    deflated: bytes | None = None
 
     @classmethod
     def from_bytes(cls, data: bytes) -> BlobSource:
@@ -710,7 +712,7 @@ class HttpRemote(Remote):
             for digest in group:
                 source = sources[digest]
                 if source.data is not None:
-                    blobs_in.append((digest, source.data))
+                    blobs_in.append((digest, source.data, source.deflated))
                     continue
                 try:
                     data = source.read()
@@ -720,7 +722,7 @@ class HttpRemote(Remote):
                 if hashlib.sha256(data).hexdigest() != digest:
                     failed.append(BlobFailure(digest, "content changed since it was hashed"))
                     continue
-                blobs_in.append((digest, data))
+                blobs_in.append((digest, data, None))
             if blobs_in:
                 uploaded.extend(self._send_pack(blobs_in))
         for source in large:
@@ -735,14 +737,14 @@ class HttpRemote(Remote):
                 failed.append(BlobFailure(source.hash, problem))
         return UploadReport(tuple(uploaded), present, tuple(failed))
 
-    def _send_pack(self, blobs: list[tuple[str, bytes]]) -> list[str]:
+    def _send_pack(self, blobs: list[tuple[str, bytes, bytes | None]]) -> list[str]:
         entries, parts = _deflated(blobs)
         headers = {"Content-Type": p.PACK_MEDIA_TYPE}
         payload = p.PackHeader(entries).encode() + b"".join(parts)
 
         def handle(resp: requests.Response) -> list[str]:
             answer = _parsed(p.PackResponse.from_dict, self._json(resp))
-            if set(answer.stored) != {h for h, _ in blobs}:
+            if set(answer.stored) != {h for h, _data, _deflated in blobs}:
                 raise BadServerAnswer("the server did not store every blob of a pack")
             return list(answer.stored)
 
@@ -907,20 +909,25 @@ def _read_capped(resp: requests.Response, cap: int) -> bytes:
     return bytes(buf)
 
 
-def _deflated(blobs: list[tuple[str, bytes]]) -> tuple[tuple[p.PackEntry, ...], list[bytes]]:
+def _deflated(blobs: list[tuple[str, bytes, bytes | None]]) -> tuple[tuple[p.PackEntry, ...], list[bytes]]:
     """A pack's entries and bytes: each blob deflated on its own where that saves 5%, else as it is.
 
     The server keeps the deflated bytes as they come, so a blob is
     compressed once, here, rather than gzipped whole for the trip and
     deflated again one by one on the server. Blobs that do not compress
-    (sampled over the pack, as for gzip) are not tried one by one.
+    (sampled over the pack, as for gzip) are not tried one by one. A blob
+    given with its zlib stream (a push's base, which the blob store
+    deflates too) is not deflated again.
     """
-    if not _worth_compressing(b"".join(data for _, data in blobs)):
-        return tuple(p.PackEntry(digest, len(data)) for digest, data in blobs), [data for _, data in blobs]
+    if not _worth_compressing(b"".join(data for _, data, _deflated in blobs)):
+        return (tuple(p.PackEntry(digest, len(data)) for digest, data, _deflated in blobs),
+                [data for _, data, _deflated in blobs])
     entries: list[p.PackEntry] = []
     parts: list[bytes] = []
-    for digest, data in blobs:
-        packed = p.deflate(data, GZIP_LEVEL) if len(data) > 64 else data
+    for digest, data, deflated in blobs:
+        packed = deflated
+        if packed is None:
+            packed = p.deflate(data, GZIP_LEVEL) if len(data) > 64 else data
         if len(packed) < len(data) * 0.95:
             entries.append(p.PackEntry(digest, len(data), len(packed)))
             parts.append(packed)

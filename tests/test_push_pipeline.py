@@ -298,3 +298,33 @@ def test_a_pushed_document_is_read_with_one_read_and_checked_against_its_hash(tm
     doc.unlink()
     doc.write_bytes(b'{"a": 1}\n')
     assert fsops.read_hashed(doc, None, digest) == b'{"a": 1}\n'
+
+
+def test_no_document_is_deflated_twice_by_a_push(kit: Kit, monkeypatch):
+    """A base the blob store deflates (over one 4 KiB block) goes in the upload pack as the store's zlib stream.
+
+    Counted at protocol.deflate, which both the store and the pack use: one
+    call per document, where there were two for every document over 4 KiB.
+    """
+    from syncengine import blobs, protocol
+
+    files = {f"d/doc{i:03d}.json": json.dumps({"n": i, "text": f"zone {i} " * (i * 7)}) + "\n"
+             for i in range(1, 200)}
+    assert sum(len(text) > blobs.ONE_BLOCK for text in files.values()) > 50
+    a = kit.replica(files)
+    calls: list[int] = []
+    real = protocol.deflate
+
+    def counted(data: bytes, level: int = 1) -> bytes:
+        calls.append(len(data))
+        return real(data, level)
+
+    monkeypatch.setattr(protocol, "deflate", counted)
+    monkeypatch.setattr(blobs, "deflate", counted)
+    assert len(a.sync().pushed) == len(files)
+    monkeypatch.undo()
+    documents = [size for size in calls if size <= blobs.SMALL]  # leaves out the pack's sample (128 KiB)
+    assert sorted(documents) == sorted(len(text) for text in files.values())
+    b = kit.replica()
+    b.sync()
+    assert_converged(a, b)
