@@ -221,15 +221,23 @@ def make_models(db: pw.Database) -> SimpleNamespace:
             indexes = ((("workspace", "seq"), True),)
 
     class Op(Base):
-        """The first answer given to each op id, replayed verbatim."""
+        """The first answer given to each op id, replayed verbatim.
+
+        Found by ``op_key`` (:func:`op_key`), the full id checked on a hit:
+        op ids are random, so each commit of 100 new ones rewrote most leaves
+        of an index on them; an index of 8-byte keys has a fifth as many.
+        At most one row per (workspace, op_id): commits hold the workspace's
+        write lock and look their op ids up before they insert.
+        """
 
         workspace = pw.ForeignKeyField(Workspace, on_delete="CASCADE")
         op_id = pw.CharField()
+        op_key = pw.BigIntegerField(null=True)  # null only in rows from before migration 3 (it fills them)
         result = pw.TextField()  # JSON of the CommitResult
         created_ns = pw.BigIntegerField()
 
         class Meta:
-            indexes = ((("workspace", "op_id"), True),)
+            indexes = ((("workspace", "op_key"), False),)
 
     class Blob(Base):
         """A blob of one workspace; its chunks are committed in the same transaction."""
@@ -294,7 +302,28 @@ def _m2_blob_parts(db: pw.Database, m: SimpleNamespace) -> None:
     db.create_tables([m.BlobPart])
 
 
-MIGRATIONS: list[Callable[[pw.Database, SimpleNamespace], None]] = [_m1_initial, _m2_blob_parts]
+def op_key(op_id: str) -> int:
+    """The index key of an op id: its first 15 hex digits (60 bits, a positive BIGINT)."""
+    return int(op_id[:15], 16)
+
+
+def _m3_op_keys(db: pw.Database, m: SimpleNamespace) -> None:
+    """Op rows indexed by op_key instead of the whole op_id (see the Op model)."""
+    if "op_key" not in {c.name for c in db.get_columns("op")}:  # a database made before this version
+        db.execute_sql('ALTER TABLE "op" ADD COLUMN "op_key" BIGINT')
+    q = db.param
+    while True:
+        rows = db.execute_sql('SELECT "id", "op_id" FROM "op" WHERE "op_key" IS NULL LIMIT 5000').fetchall()
+        if not rows:
+            break
+        cursor = db.cursor()
+        for row_id, op_id in rows:
+            cursor.execute(f'UPDATE "op" SET "op_key" = {q} WHERE "id" = {q}', (op_key(op_id), row_id))
+    db.execute_sql('DROP INDEX IF EXISTS "op_workspace_id_op_id"')
+    db.execute_sql('CREATE INDEX IF NOT EXISTS "op_workspace_id_op_key" ON "op" ("workspace_id", "op_key")')
+
+
+MIGRATIONS: list[Callable[[pw.Database, SimpleNamespace], None]] = [_m1_initial, _m2_blob_parts, _m3_op_keys]
 
 
 def migrate(db: pw.Database, m: SimpleNamespace) -> int:

@@ -31,7 +31,7 @@ from typing import Any
 from syncengine.errors import BusyError, UsageError
 from syncengine.paths import casefold_key
 from syncengine.protocol import CommitItem, CommitResult, CurrentDoc, check_workspace, deflate
-from syncengine.server.db import is_postgres, make_models, migrate, open_database, translated
+from syncengine.server.db import is_postgres, make_models, migrate, op_key, open_database, translated
 
 _ZLIB_LEVEL = 1
 _BUSY_TIMEOUT = 30.0  # seconds a writer waits for another, as the connections' busy_timeout
@@ -127,8 +127,11 @@ class _CommitState:
         keys = list(dict.fromkeys(self.keys.values()))
         hashes = list(dict.fromkeys(i.hash for i in items if i.hash is not None))
         db = storage.db
-        self.ops.update(_rows_in(db, 'SELECT "op_id", "result" FROM "op" WHERE "workspace_id" = {q} '
-                                    'AND "op_id" IN ({in_})', [ws_id], op_ids))
+        wanted = set(op_ids)  # a key may match another op id (60 bits): the full id decides
+        self.ops.update(row for row in _rows_in(db, 'SELECT "op_id", "result" FROM "op" WHERE "workspace_id" = {q} '
+                                                   'AND "op_key" IN ({in_})', [ws_id],
+                                                   list(dict.fromkeys(map(op_key, op_ids))))
+                        if row[0] in wanted)
         columns = '"doc_id", "rev", "path", "path_key", "hash", "deleted", "executable"'
         for row in _rows_in(db, f'SELECT {columns} FROM "document" WHERE "workspace_id" = {{q}} '
                                'AND "doc_id" IN ({in_})', [ws_id], doc_ids):
@@ -180,7 +183,7 @@ class _CommitState:
             run.append((doc_id, values))
         _executemany(db, m.Change, ["workspace", "seq", "doc_id", "path", "old_path", "hash", "deleted",
                                     "executable", "size", "op_id", "client_id", "received_ns"], self.change_rows)
-        _executemany(db, m.Op, ["workspace", "op_id", "result", "created_ns"], self.op_rows)
+        _executemany(db, m.Op, ["workspace", "op_id", "op_key", "result", "created_ns"], self.op_rows)
 
 
 def _chunks(items: list, size: int = 1000) -> Iterable[list]:
@@ -655,7 +658,7 @@ class Storage:
                     # Only applied ops are remembered: a refused op changed nothing,
                     # and pinning its refusal would keep answering a stale conflict.
                     state.ops[item.op_id] = encoded
-                    state.op_rows.append((ws_id, item.op_id, encoded, state.now))
+                    state.op_rows.append((ws_id, item.op_id, op_key(item.op_id), encoded, state.now))
                 else:
                     answer = result.to_dict()
                 results.append(answer)
