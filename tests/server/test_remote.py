@@ -93,6 +93,27 @@ def test_connection_refused_is_retried_then_server_unreachable(server):
     assert SENTINEL not in str(caught.value) and SENTINEL not in repr(remote)
 
 
+def test_the_environments_proxy_is_read_once_when_the_remote_is_made(server, monkeypatch):
+    """HTTP_PROXY and NO_PROXY count as requests reads them, but once per remote: requests read them (walking
+    os.environ) on every request, ~0.5 ms of Python each beside a push's other threads."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]  # nobody listens there once the socket is closed
+    for name in ("http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{dead}")
+    through_proxy = server.remote("alpha", retries=0)
+    with pytest.raises(ServerUnreachable):
+        through_proxy.changes(0)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    direct = server.remote("alpha", retries=0)
+    assert direct.changes(0).changes == ()
+    monkeypatch.delenv("NO_PROXY")  # a remote already made keeps what it read
+    assert direct.changes(0).changes == ()
+
+
 def test_503_then_200_succeeds_and_honours_retry_after(server, fault_proxy):
     """Two 503s with Retry-After: 1 are each retried a second later; the third try works."""
     token = server.token("alpha")
