@@ -12,7 +12,6 @@ document across a rename.
 from __future__ import annotations
 
 import os
-import stat as stat_mod
 import time
 import unicodedata
 from collections.abc import Callable, Iterator
@@ -25,7 +24,6 @@ from syncengine.journal import Journal
 from syncengine.models import LocalChange, Op, ScanProblem, ScanReport
 from syncengine.paths import STATE_DIR, IgnoreRules
 
-_S_ISREG, _S_ISDIR = stat_mod.S_ISREG, stat_mod.S_ISDIR
 RACY_NS = 2_000_000_000  # coarse enough for FAT/HFS+ timestamps; costs one extra hash at most
 
 Progress = Callable[[int, int | None], None]
@@ -67,14 +65,17 @@ def walk(root: Path, ignore: IgnoreRules, only: list[str] | None = None) -> Walk
 
 
 def _regular_files(stack: list[tuple[str, str]], ignored: Callable[[str], bool], problems: list[ScanProblem],
-                   unreadable_dirs: list[str]) -> Iterator[tuple[str, os.stat_result]]:
-    """(relative path, lstat) of every regular file with a valid name under the ``stack``'s folders.
+                   unreadable_dirs: list[str]) -> Iterator[tuple[str, os.DirEntry]]:
+    """(relative path, directory entry) of every regular file with a valid name under the ``stack``'s folders.
 
     The loop both walks share: temp files and the state folder are skipped,
     ignored folders are not entered, a folder that cannot be listed is
     reported and remembered, a bad name is reported unless it is ignored.
     Whether a file itself is ignored is the caller's question (the fused
-    walk asks only about files that differ).
+    walk asks only about files that differ), and so is its stat: the type
+    comes from the listing (d_type; the entry lstats by itself where the
+    file system gives none), so a file the journal does not know yet costs
+    no lstat here — it is hashed, and its stat taken on the open file.
     """
     while stack:
         folder, prefix = stack.pop()
@@ -95,19 +96,19 @@ def _regular_files(stack: list[tuple[str, str]], ignored: Callable[[str], bool],
                 continue
             rel = prefix + name
             try:
-                st = entry.stat(follow_symlinks=False)
+                regular = entry.is_file(follow_symlinks=False)
+                folder_entry = not regular and entry.is_dir(follow_symlinks=False)
             except OSError:
                 continue  # vanished between listing and stat: the next scan sees it
-            mode = st.st_mode
-            if _S_ISREG(mode):
+            if regular:
                 if not rel.isascii():
                     problem = _name_problem(rel)
                     if problem:
                         if not ignored(rel):
                             problems.append(ScanProblem(rel.encode("utf-8", "replace").decode(), problem))
                         continue
-                yield rel, st
-            elif _S_ISDIR(mode) and not ignored(rel + "/"):
+                yield rel, entry
+            elif folder_entry and not ignored(rel + "/"):
                 stack.append((entry.path, rel + "/"))
 
 
@@ -123,42 +124,73 @@ def _stat_walk(root: Path, ignore: IgnoreRules, only: list[str] | None, problems
     files: dict[str, Stamp] = {}
     ignored = ignore.matcher()
     stack = [(os.path.join(root, d), f"{d}/" if d else "") for d in only] if only else [(os.fspath(root), "")]
-    for rel, st in _regular_files(stack, ignored, problems, unreadable_dirs):
+    for rel, entry in _regular_files(stack, ignored, problems, unreadable_dirs):
         if not ignored(rel):
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue  # vanished between listing and stat: the next scan sees it
             files[rel] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode & 0o7777)
     return files
 
 
 def _changed_walk(root: Path, ignore: IgnoreRules, stamps: dict[str, Stamp], racy_after: int,
-                  problems: list[ScanProblem], unreadable_dirs: list[str]) -> tuple[dict[str, Stamp], list[str], int]:
+                  problems: list[ScanProblem], unreadable_dirs: list[str]
+                  ) -> tuple[dict[str, Stamp | None], list[str], int]:
     """:func:`_stat_walk` fused with the comparison to the journal's ``stamps``.
 
-    Returns (the files whose stamp differs from the journal's, or is racy;
+    Returns (the files whose stamp differs from the journal's, or is racy,
+    with that stamp, and the files the journal does not know, with None;
     the known paths seen; how many files were counted). A no-op scan of
     50,000 files keeps no dict of 50,000 stamps and makes no second pass to
     compare them, and the ignore rules are asked only about files that
     differ: a file whose stamp is exactly the journal's is known and
     unchanged, ignored or not (a newly ignored file is never read as deleted
     nor as changed either way), so it is counted as a file of the workspace.
+    A file the journal does not know is not stat'ed: it will be hashed, and
+    a first scan of 10,000 files makes 10,000 fewer lstat calls.
     """
-    changed: dict[str, Stamp] = {}
+    changed: dict[str, Stamp | None] = {}
     seen: list[str] = []
     counted = 0
-    stamp_of = stamps.get
     ignored = ignore.matcher()
-    for rel, st in _regular_files([(os.fspath(root), "")], ignored, problems, unreadable_dirs):
-        stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode & 0o7777)
-        known = stamp_of(rel)
+    for rel, entry in _regular_files([(os.fspath(root), "")], ignored, problems, unreadable_dirs):
+        known = stamps.get(rel)
         if known is not None:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue  # vanished between listing and stat: the next scan sees it
             seen.append(rel)
+            stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode & 0o7777)
             if known == stamp and stamp[1] < racy_after:
                 counted += 1
                 continue
+        else:
+            stamp = None
         if ignored(rel):
             continue
         counted += 1
         changed[rel] = stamp
     return changed, seen, counted
+
+
+def _differs(path: str, stamp: Stamp | None, known: tuple | None, racy_after: int) -> bool:
+    """Whether a file the walk found differing must be hashed, by the journal's row read after the walk.
+
+    A file the walk did not stat (the journal did not know it) may have been
+    journaled by another process since (an apply): then it is stat'ed now
+    and compared with that row, as it would have been in the walk.
+    """
+    if known is None:
+        return True
+    if stamp is None:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return True  # gone or unreadable: hashing it says which
+        stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode & 0o7777)
+    return stamp[1] >= racy_after or known[2:7] != stamp
 
 
 def _under(path: str, folders: list[str]) -> bool:
@@ -195,8 +227,8 @@ def detect(
         else:
             index = journal.local_index(wanted) if wanted else {}
     # Unknown, restamped (size, mtime, ctime, inode or mode moved) or racy, by the rows read last.
-    to_hash = [rel for rel, st in changed.items()
-               if st[1] >= racy_after or (known := index.get(rel)) is None or known[2:7] != st]
+    top = os.path.join(root, "")
+    to_hash = [rel for rel, st in changed.items() if _differs(top + rel, st, index.get(rel), racy_after)]
     vanished = {rel for rel in vanished if rel in index}
 
     # path -> (sha256, stat, kind of a new file). The kind is decided at once
@@ -204,8 +236,7 @@ def detect(
     # files those heads were the whole tree in memory (250 MB).
     hashed: dict[str, tuple[str, FileStat, str | None]] = {}
     total = len(to_hash)
-    # A str, not ``root / rel``: a Path per file was a tenth of a first scan's hashing.
-    top = os.path.join(root, "")
+    # A str, not ``root / rel`` (top, above): a Path per file was a tenth of a first scan's hashing.
     for done, rel in enumerate(to_hash, 1):
         try:
             digest, st, head = hash_with_head(top + rel)

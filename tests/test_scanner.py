@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from syncengine import Workspace
+from syncengine import Workspace, scanner
 from syncengine.fsops import inject_fault
 from syncengine.testing import backdate, make_tree
 
@@ -193,6 +193,48 @@ def test_a_file_journaled_elsewhere_during_the_walk_is_not_a_local_edit(ws: Work
         other.close()
     assert report.changed == 0 and report.hashed == 0 and report.files == 3
     assert [e.op.value for e in ws.log()] == ["created"] * 3
+
+
+def test_a_new_file_journaled_elsewhere_during_the_walk_is_compared_not_hashed(ws: Workspace, monkeypatch):
+    """The walk does not stat a file the journal does not know (it would be hashed anyway). If another process
+    journals it between the walk and the second read, it is stat'ed then and compared with that row: not hashed,
+    not a change; while a new file nobody journaled is hashed and created, and one that vanished is not."""
+    from syncengine.fsops import hash_file
+    from syncengine.journal import Journal
+    from syncengine.models import LocalChange, Op
+
+    ws.scan()
+    journal = ws.journal
+    other = Journal.open(ws.layout.journal)
+    for name in ("notes/applied.md", "notes/mine.md", "gone.md"):
+        (ws.root / name).write_text(f"# {name}\n")
+        os.utime(ws.root / name, (time.time() - 3600,) * 2)  # not racy
+    read_stamps = journal.local_stamps
+
+    def stamps_then_an_apply_elsewhere():
+        stamps = read_stamps()
+        digest, st = hash_file(ws.root / "notes" / "applied.md")
+        other.record_local([LocalChange(Op.CREATED, "notes/applied.md", hash=digest, size=st.size,
+                                        mtime_ns=st.mtime_ns, ctime_ns=st.ctime_ns, inode=st.inode, mode=st.mode,
+                                        kind="text")], origin="remote")
+        return stamps
+
+    walk_files = scanner._regular_files
+
+    def walk_then_a_deletion(*args):
+        yield from walk_files(*args)
+        (ws.root / "gone.md").unlink()
+
+    monkeypatch.setattr(journal, "local_stamps", stamps_then_an_apply_elsewhere)
+    monkeypatch.setattr(scanner, "_regular_files", walk_then_a_deletion)
+    try:
+        report = ws.scan()
+    finally:
+        other.close()
+    assert report.created == ("notes/mine.md",) and report.changed == 1 and report.hashed == 1
+    assert report.files == 5 and not report.problems
+    assert [(e.op.value, e.path) for e in ws.log(limit=2)] == [("created", "notes/mine.md"),
+                                                                ("created", "notes/applied.md")]
 
 
 def test_unreadable_file_is_reported_and_scan_goes_on(ws: Workspace):
