@@ -57,36 +57,51 @@ def check_path(path: str, *, windows: bool | None = None) -> str:
     Rejects rather than repairs: a path that needs normalising came from a
     buggy or hostile peer, and guessing what it meant could land a write on
     the wrong file.
+
+    Every item of every commit passes here, on the client and again on the
+    server (20,000 calls for a first sync of 10,000 documents), so the usual
+    ASCII path takes the short way: one regex search for control
+    characters, and its length as its size in bytes; it is NFC as it is.
     """
     if windows is None:
         windows = os.name == "nt"
     if not isinstance(path, str) or not path:
         raise UnsafePath("empty path")
-    if "\x00" in path or any(ord(c) < 32 for c in path):
+    if _CONTROL.search(path):
         raise UnsafePath("path contains a control character", paths=[repr(path)])
     if "\\" in path:
         raise UnsafePath("path contains a backslash", paths=[path])
     if path.startswith("/") or (len(path) > 1 and path[1] == ":"):
         raise UnsafePath("absolute path", paths=[path])
-    try:
-        encoded = path.encode("utf-8")
-    except UnicodeEncodeError:
-        raise UnsafePath("path is not valid UTF-8", paths=[repr(path)])
-    if len(encoded) > MAX_PATH_BYTES:
+    ascii_only = path.isascii()
+    if not ascii_only:
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UnsafePath("path is not valid UTF-8", paths=[repr(path)])
+    if _size(path, ascii_only) > MAX_PATH_BYTES:
         raise UnsafePath("path is too long", paths=[path[:80] + "..."])
-    if unicodedata.normalize("NFC", path) != path:
+    if not ascii_only and not unicodedata.is_normalized("NFC", path):
         raise UnsafePath("path is not NFC-normalised", paths=[path])
     parts = path.split("/")
     for part in parts:
         if part in ("", ".", ".."):
             raise UnsafePath("path has an empty, '.' or '..' component", paths=[path])
-        if len(part.encode("utf-8")) > MAX_NAME_BYTES:
+        if _size(part, ascii_only) > MAX_NAME_BYTES:
             raise UnsafePath("file name is too long", paths=[path])
         if windows and (part.split(".")[0].upper() in _WINDOWS_RESERVED or part[-1] in " ."):
             raise UnsafePath("name is reserved on Windows", paths=[path])
     if parts[0] == STATE_DIR:
         raise UnsafePath("path is inside the engine's own folder", paths=[path])
     return path
+
+
+_CONTROL = re.compile(r"[\x00-\x1f]")
+
+
+def _size(text: str, ascii_only: bool) -> int:
+    """Bytes of ``text`` in UTF-8 (of a valid UTF-8 string: check_path has encoded it once)."""
+    return len(text) if ascii_only else len(text.encode("utf-8"))
 
 
 def is_safe(path: str) -> bool:
