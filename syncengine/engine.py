@@ -23,14 +23,13 @@ from syncengine.errors import JournalDamaged, UsageError
 from syncengine.fsops import clean_temp_files, failpoint, recover_trash
 from syncengine.journal import EventLog, Journal, integrity_ok
 from syncengine.locks import FileLock
-from syncengine.models import ConflictInfo, ScanReport
+from syncengine.models import ConflictInfo, InitReport, ScanReport
 from syncengine.paths import IgnoreRules, check_path
 
 if TYPE_CHECKING:
     from syncengine.blobs import BlobStore
     from syncengine.views import (
         DocDiff,
-        InitReport,
         LogEntry,
         PendingItem,
         RepairReport,
@@ -111,7 +110,7 @@ class Workspace:
             save_token(layout.token, token)
         ws = cls(layout.root)
         report = ws.scan()
-        return ws, _views().InitReport(str(ws.root), True, ws.config.server.url or None,
+        return ws, InitReport(str(ws.root), True, ws.config.server.url or None,
                               ws.config.server.workspace or None, report.files)
 
     @classmethod
@@ -131,7 +130,7 @@ class Workspace:
         except BaseException:
             ws.close()
             raise
-        return ws, _views().InitReport(str(ws.root), False, url, name, report.files)
+        return ws, InitReport(str(ws.root), False, url, name, report.files)
 
     @property
     def journal(self) -> Journal:

@@ -3,13 +3,13 @@
 Frozen dataclasses and string enums only — no live ORM rows, no integers
 with meaning. :func:`to_jsonable` turns any of them into JSON-ready data.
 
-The values of a scan and a sync round live here; what the other commands
-show (status, log, diff, restore, repair, init, the daemon's state) lives in
-:mod:`syncengine.views`, and is found here too, on first use. Every
-``syncengine`` call is a fresh process and each frozen dataclass costs
-0.5-1 ms to create (six generated methods, each compiled): a no-op sync
-spent ~15% of its CPU creating dataclasses, 20 of them here, where it
-needs 7.
+The values of a scan, init and a sync round live here; what the other
+commands show (status, log, diff, restore, repair, the daemon's state)
+lives in :mod:`syncengine.views`, and is found here too, on first use.
+Every ``syncengine`` call is a fresh process and each frozen dataclass
+costs 0.5-1 ms to create (six generated methods, each compiled): a no-op
+sync spent ~13% of its CPU creating dataclasses, 20 of them here, where
+it needs 7.
 """
 
 from __future__ import annotations
@@ -106,6 +106,15 @@ class FieldChange:
     new: Any = None
 
 
+@dataclass(frozen=True, slots=True)
+class InitReport:
+    root: str
+    created: bool
+    server: str | None = None
+    workspace: str | None = None
+    files: int = 0
+
+
 def to_jsonable(value: Any) -> Any:
     """Dataclasses, enums, paths and tuples to plain JSON-ready values."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -163,7 +172,7 @@ class SyncReport:
 
 # Defined in syncengine.views; `from syncengine.models import Status` still works, loading it then.
 _VIEWS = frozenset({"SnapshotInfo", "PendingCounts", "PendingItem", "TaskInfo", "DaemonInfo", "SyncInfo", "Status",
-                    "LogEntry", "DocDiff", "RestoreReport", "RepairReport", "InitReport", "Event"})
+                    "LogEntry", "DocDiff", "RestoreReport", "RepairReport", "Event"})
 
 
 def __getattr__(name: str) -> Any:

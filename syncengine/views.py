@@ -1,4 +1,4 @@
-"""What the commands other than sync show: status, log, diff, restore, repair, init, the daemon's state.
+"""What the commands other than init and sync show: status, log, diff, restore, repair, the daemon's state.
 
 Plain values like those of :mod:`syncengine.models` (frozen dataclasses,
 rendered by the CLI and by :func:`syncengine.models.to_jsonable`), kept
@@ -145,15 +145,6 @@ class RepairReport:
     moved_aside: str | None
     files: int
     integrity: str  # ok | damaged | missing
-
-
-@dataclass(frozen=True, slots=True)
-class InitReport:
-    root: str
-    created: bool
-    server: str | None = None
-    workspace: str | None = None
-    files: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -89,10 +89,12 @@ def test_status_and_sync_json_import_only_their_own_stack(tmp_path: Path, kit):
 
 
 def test_init_writes_its_config_without_tomlkit(tmp_path: Path, sample_tree: Path):
-    """`init` writes config.toml by hand (Config.to_toml): tomlkit is only for editing a user's TOML document."""
+    """`init` writes config.toml by hand (Config.to_toml): tomlkit is only for editing a user's TOML document.
+    Its report is one of the values a scan and a round use (syncengine.models), not of syncengine.views."""
     code, modules = imported_by(tmp_path, "init", sample_tree, "--server", "http://127.0.0.1:9", "--workspace", "w")
     assert code == 0 and (sample_tree / ".syncengine" / "config.toml").is_file()
     assert not _tops(modules) & set(NEVER_FOR_A_CLIENT), sorted(_tops(modules) & set(NEVER_FOR_A_CLIENT))
+    assert "syncengine.views" not in modules
 
 
 def test_a_human_status_on_a_pipe_prints_plain_text_without_rich(tmp_path: Path, sample_ws):
