@@ -47,6 +47,17 @@ class PullResult:
     def save(self, journal: Journal) -> None:
         journal.batch(updates=self.updates, inserts=self.inserts, renames=self.renames, state=self.state)
 
+    @property
+    def server_empty(self) -> bool:
+        """Whether the workspace never had a change on the server (its feed ends at 0, nothing listed).
+
+        Then no commit there names a blob, and a push may send its blobs
+        without asking which ones the server lacks: one it holds anyway (left
+        by a push killed before its commits) is stored once, as when two
+        clients upload the same blob.
+        """
+        return self.entries == 0 and self.state.get("last_seq") == 0
+
 
 def _values(path: str, rev: int, digest: str | None, executable: bool, seq: int | None,
             at: int | None) -> dict[str, Any]:

@@ -209,8 +209,13 @@ def push(
     client_id: str,
     batch: int = p.MAX_COMMIT_ITEMS,
     progress: Any = None,
+    server_empty: bool = False,
 ) -> Pushed:
     """Send ``rows`` and record the answers; see the module docstring for the pipeline.
+
+    ``server_empty`` (the workspace never had a change there, see
+    :attr:`syncengine.pull.PullResult.server_empty`) sends the blobs without
+    a ``missing`` call per wave: 13 fewer requests for a first push of 10,000.
 
     Errors of the blob side (the server unreachable, the token refused)
     surface here as they are, when the batch that needed them is reached;
@@ -237,8 +242,8 @@ def push(
         def send(wave: list[list[DocRow]]) -> Callable[[], _Sent]:
             rows_of = [row for chunk in wave for row in chunk]
             if ahead is None:
-                return lambda: _send_blobs(root, blobs, remote, rows_of, bases, stop)
-            return ahead.submit(_send_blobs, root, blobs, remote, rows_of, bases, stop).result
+                return lambda: _send_blobs(root, blobs, remote, rows_of, bases, stop, server_empty)
+            return ahead.submit(_send_blobs, root, blobs, remote, rows_of, bases, stop, server_empty).result
 
         def ready_batches() -> Iterator[tuple[list[DocRow], int]]:
             """Each batch, once its wave's blobs are up: the documents to commit, and the batch's size."""
@@ -334,16 +339,16 @@ def push(
 
 
 def _send_blobs(root: Path, blobs: BlobStore, remote: Remote, rows: list[DocRow],
-                pool: ThreadPoolExecutor | None, stop: threading.Event) -> _Sent:
+                pool: ThreadPoolExecutor | None, stop: threading.Event, server_empty: bool = False) -> _Sent:
     try:
-        return _send_wave(root, blobs, remote, rows, pool, stop)
+        return _send_wave(root, blobs, remote, rows, pool, stop, server_empty)
     except BaseException:
         stop.set()  # the waves queued behind this one give up at once: the push stops here
         raise
 
 
 def _send_wave(root: Path, blobs: BlobStore, remote: Remote, rows: list[DocRow],
-               pool: ThreadPoolExecutor | None, stop: threading.Event) -> _Sent:
+               pool: ThreadPoolExecutor | None, stop: threading.Event, server_empty: bool = False) -> _Sent:
     """A wave's blob side: read and check the files, keep their bases, upload what the server lacks.
 
     Runs ahead of the commits on its own thread (and its own connection),
@@ -374,7 +379,7 @@ def _send_wave(root: Path, blobs: BlobStore, remote: Remote, rows: list[DocRow],
     if sources:
         # upload() asks the server which blobs it lacks and sends only those, in packs.
         # A blob whose base is not kept may go up too: unreferenced, it is harmless.
-        report = remote.upload(list(sources.values()))
+        report = remote.upload(list(sources.values()), lacking=server_empty)
         sent.uploaded += len(report.uploaded)
         failed = {failure.hash for failure in report.failed}
         paths = {row.hash: row.path for row in ready if row.path}

@@ -210,8 +210,12 @@ class Remote(abc.ABC):
         """The hashes the server lacks, in the order given."""
 
     @abc.abstractmethod
-    def upload(self, blobs: Iterable[BlobSource]) -> UploadReport:
-        """Send the blobs the server lacks: packs for small ones, streamed PUT for large."""
+    def upload(self, blobs: Iterable[BlobSource], *, lacking: bool = False) -> UploadReport:
+        """Send the blobs the server lacks: packs for small ones, streamed PUT for large.
+
+        ``lacking``: the caller knows the server holds none of them (a
+        workspace that never had a change), so none is asked about first.
+        """
 
     @abc.abstractmethod
     def fetch(self, hashes: Iterable[str]) -> Iterator[FetchedBlob]:
@@ -707,9 +711,9 @@ class HttpRemote(Remote):
 
     # ------------------------------------------------------------ blobs up
 
-    def upload(self, blobs: Iterable[BlobSource]) -> UploadReport:
+    def upload(self, blobs: Iterable[BlobSource], *, lacking: bool = False) -> UploadReport:
         sources = {b.hash: b for b in blobs}
-        needed = set(self.missing(sources))
+        needed = set(sources) if lacking else set(self.missing(sources))
         present = tuple(h for h in sources if h not in needed)
         uploaded: list[str] = []
         failed: list[BlobFailure] = []

@@ -213,7 +213,8 @@ def _round(ws: Workspace, remote: Remote, strategy_for, pct: float, force: bool,
 
         push_progress = (lambda n, t: progress("push", n, t)) if progress else None
         result = pushing.push(ws.root, journal, ws.blobs, remote, to_push, client_id=client_id,
-                              batch=cfg.sync.batch, progress=push_progress)
+                              batch=cfg.sync.batch, progress=push_progress,
+                              server_empty=passes == 1 and pulled.server_empty)
         pushed_paths += result.committed
         uploaded += result.uploaded
         problems += result.problems
