@@ -760,7 +760,9 @@ class Journal:
                 else:
                     K.insert(created_at=now_ns(), **conflict).execute()
             if state:
-                S.update(**state).where(S.id == 1).execute()
+                # Straight to executemany (as the documents): peewee built this one-row UPDATE in ~40 us
+                # of Python, once per batch of the push's answers, on the main thread.
+                _update_rows(self.db, S, "id", [(1, state)])
 
     @_translated
     def conflict_for(self, doc_id: str) -> dict[str, Any] | None:
