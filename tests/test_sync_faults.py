@@ -136,3 +136,25 @@ def test_an_edit_landing_before_a_pulled_deletion_keeps_the_file(kit, monkeypatc
     assert done and not report.deleted and b.read("doc.txt") == b"edited as it was deleted\n"
     converge(a, b)
     assert assert_converged(a, b)["doc.txt"] == b"edited as it was deleted\n"
+
+
+def test_the_fault_hooks_follow_the_environment_as_it_changes(tmp_path, monkeypatch):
+    """SYNCENGINE_FSFAULT and SYNCENGINE_FAILPOINT are read at each operation (the cheap way), set or unset."""
+    doc = tmp_path / "doc.md"
+    doc.write_bytes(b"x")
+    digest = fsops.sha256(b"x")
+    monkeypatch.delenv("SYNCENGINE_FSFAULT", raising=False)
+    assert fsops.read_hashed(doc, 1, digest) == b"x"
+    monkeypatch.setenv("SYNCENGINE_FSFAULT", "read:1:EIO")
+    fsops._fault_counts.clear()
+    with pytest.raises(OSError) as failed:
+        fsops.read_hashed(doc, 1, digest)
+    assert failed.value.errno == errno.EIO
+    monkeypatch.delenv("SYNCENGINE_FSFAULT")
+    fsops._fault_counts.clear()
+    assert fsops.read_hashed(doc, 1, digest) == b"x"
+    monkeypatch.setenv("SYNCENGINE_FAILPOINT", "hooks.test=raise")
+    with pytest.raises(RuntimeError):
+        fsops.failpoint("hooks.test")
+    monkeypatch.delenv("SYNCENGINE_FAILPOINT")
+    fsops.failpoint("hooks.test")
