@@ -1,9 +1,10 @@
 """Pushing: send local changes in batches, with their base revs, and record the answers.
 
 The blobs go up in waves of up to 1,000 documents (ten commit batches; a
-large push starts with one batch and doubles): one ``missing`` call, packs
-of the blobs the server lacks (large files streamed one by one), and the
-wave's bases kept locally. Two threads run the waves ahead of the commits,
+large push starts with one batch and doubles): one ``missing`` call (none
+into a workspace that never had a change), packs of the blobs the server
+lacks (large files streamed one by one), and the wave's bases kept locally.
+Each document is read once and hashed once, against the scan's hash. Two threads run the waves ahead of the commits,
 so the server stores the next waves' blobs while this one is committed; every
 blob is up before the commit that names it (DESIGN §4). Commits carry at
 most 100 changes each, two in flight on two connections when they commute
