@@ -120,18 +120,18 @@ class _CommitState:
         self.change_rows: list[tuple] = []
         self.op_rows: list[tuple] = []
         self.now = time.time_ns()  # received_ns and created_ns of every row this request writes
-        op_ids = list(dict.fromkeys(i.op_id for i in items))
         doc_ids = list(dict.fromkeys(i.doc_id for i in items))
         # path -> path key, worked out once per request (NFC + casefold), read again by _apply
         self.keys = {i.path: casefold_key(i.path) for i in items if i.hash is not None}
         keys = list(dict.fromkeys(self.keys.values()))
         hashes = list(dict.fromkeys(i.hash for i in items if i.hash is not None))
         db = storage.db
-        wanted = set(op_ids)  # a key may match another op id (60 bits): the full id decides
+        self.op_keys = {i.op_id: op_key(i.op_id) for i in items}  # read again for the rows written
+        # A key may match another op id (60 bits): the full id decides.
         self.ops.update(row for row in _rows_in(db, 'SELECT "op_id", "result" FROM "op" WHERE "workspace_id" = {q} '
                                                    'AND "op_key" IN ({in_})', [ws_id],
-                                                   list(dict.fromkeys(map(op_key, op_ids))))
-                        if row[0] in wanted)
+                                                   list(dict.fromkeys(self.op_keys.values())))
+                        if row[0] in self.op_keys)
         columns = '"doc_id", "rev", "path", "path_key", "hash", "deleted", "executable"'
         for row in _rows_in(db, f'SELECT {columns} FROM "document" WHERE "workspace_id" = {{q}} '
                                'AND "doc_id" IN ({in_})', [ws_id], doc_ids):
@@ -658,7 +658,7 @@ class Storage:
                     # Only applied ops are remembered: a refused op changed nothing,
                     # and pinning its refusal would keep answering a stale conflict.
                     state.ops[item.op_id] = encoded
-                    state.op_rows.append((ws_id, item.op_id, op_key(item.op_id), encoded, state.now))
+                    state.op_rows.append((ws_id, item.op_id, state.op_keys[item.op_id], encoded, state.now))
                 else:
                     answer = result.to_dict()
                 results.append(answer)
