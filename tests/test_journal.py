@@ -145,6 +145,43 @@ def test_bulk_writes_store_what_each_field_would_make_of_a_value(tmp_path: Path)
         journal.close()
 
 
+def test_new_document_ids_are_time_ordered_unique_and_wire_safe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Document ids increase in the order they are minted (the server's id index takes them as appends), within
+    a millisecond, when the clock goes back, and from one generator to the next made after it (each
+    record_local makes one); each is 32 hex digits with UUIDv7's version and variant, which the protocol
+    accepts."""
+    import uuid
+
+    from syncengine import protocol
+    from syncengine.journal import Journal, api
+    from syncengine.models import LocalChange, Op
+
+    first = api._doc_ids()
+    ids = [first() for _ in range(5000)]
+    second = api._doc_ids(batch=3)
+    ids += [second() for _ in range(10)]
+    monkeypatch.setattr(api.time, "time_ns", lambda: 0)  # a clock that went back: still increasing
+    stuck = api._doc_ids()
+    ids += [stuck() for _ in range(5000)]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    for doc_id in ids[::97]:
+        parsed = uuid.UUID(doc_id)
+        assert parsed.hex == doc_id and parsed.version == 7 and parsed.variant == uuid.RFC_4122
+        assert protocol.check_id(doc_id, "doc_id") == doc_id
+    monkeypatch.undo()
+
+    journal = Journal.open(tmp_path / "journal.db")
+    try:
+        stamp = {"size": 3, "mtime_ns": 1, "ctime_ns": 1, "inode": 7, "mode": 0o644, "kind": "text"}
+        for batch in (["b.md", "a.md"], ["c.md"]):
+            journal.record_local([LocalChange(Op.CREATED, name, hash="a" * 64, **stamp) for name in batch])
+        rows = [(row.path, row.doc_id) for row in journal.documents()]
+        assert [path for path, _ in rows] == ["b.md", "a.md", "c.md"]
+        assert [doc_id for _, doc_id in rows] == sorted(doc_id for _, doc_id in rows)
+    finally:
+        journal.close()
+
+
 def test_the_unsettled_documents_are_read_through_their_partial_index(tmp_path: Path):
     """Migration 2 indexes the documents out of step; a journal made before it gains the index on open, and the
     round's read of them (Journal.unsettled) uses it — reading only those rows — and finds the same documents."""

@@ -73,28 +73,48 @@ def now_ns() -> int:
 
 
 def _doc_ids(batch: int = 256) -> Callable[[], str]:
-    """New document ids, as uuid.uuid4().hex makes them, from one os.urandom per ``batch`` ids.
+    """New document ids: 32 hex digits laid out as a UUIDv7 (RFC 9562), in increasing order.
 
-    A first scan names every file: 10,000 uuid4() calls were 10,000 urandom
-    syscalls and UUID objects (~20 ms; this is ~7).
+    Time-ordered, not random (DESIGN §2 says UUIDv4; the protocol takes any
+    id of [A-Za-z0-9._-], and nothing reads an id's bits): the server
+    indexes documents by id, one transaction per commit of 100, and 100
+    random ids touched ~70 of the index's leaves each time (each written
+    to its WAL again); ids in the order they were minted land on the last
+    one or two. Each id is the time in ms (48 bits), the version (7), a
+    12-bit counter that keeps ids minted in one millisecond in order
+    (borrowing the next millisecond when it runs out, RFC 9562's method
+    1), the variant and 62 random bits, which alone keep two replicas' ids
+    apart. One urandom call per ``batch`` ids: 10,000 uuid4() calls were
+    10,000 syscalls (~20 ms; this ~7).
     """
     pending: list[str] = []
 
     def new_id() -> str:
         if not pending:
-            raw = os.urandom(16 * batch)
-            for i in range(0, len(raw), 16):
-                value = int.from_bytes(raw[i:i + 16])
-                value = (value & _UUID4_CLEAR) | _UUID4_SET  # version 4, RFC 4122 variant
-                pending.append(f"{value:032x}")
+            raw = os.urandom(8 * batch)
+            with _CLOCK_LOCK:
+                ms, counter = _clock
+                now = time.time_ns() // 1_000_000
+                if now > ms:
+                    ms, counter = now, -1
+                for i in range(0, len(raw), 8):
+                    counter += 1
+                    if counter > 0xFFF:
+                        ms, counter = ms + 1, 0
+                    rand = int.from_bytes(raw[i:i + 8]) & _RAND_B
+                    pending.append(f"{ms << 80 | (0x7000 | counter) << 64 | _VARIANT | rand:032x}")
+                _clock[:] = [ms, counter]
             pending.reverse()
         return pending.pop()
 
     return new_id
 
 
-_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
-_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
+# The last (ms, counter) an id was minted with in this process: a generator made later mints larger ids.
+_clock = [0, -1]
+_CLOCK_LOCK = threading.Lock()
+_RAND_B = (1 << 62) - 1
+_VARIANT = 0b10 << 62  # RFC 9562's variant bits
 
 
 _NEW_DOC = ("doc_id", "kind", "path", "hash", "size", "mtime_ns", "ctime_ns", "inode", "mode", "local_at")
