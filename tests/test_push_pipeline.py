@@ -338,3 +338,23 @@ def test_no_document_is_deflated_twice_by_a_push(kit: Kit, monkeypatch):
     b = kit.replica()
     b.sync()
     assert_converged(a, b)
+
+
+def test_a_round_collects_garbage_less_often_and_puts_the_collector_back(kit: Kit):
+    """During a round the collector's first threshold is raised (each collection holds the GIL and stops
+    the push's threads); after it, and after overlapping rounds, it is what it was."""
+    import gc
+
+    from syncengine import sync
+
+    before = gc.get_threshold()
+    seen: list[tuple[int, ...]] = []
+    a = kit.replica(_files(300))
+    a.sync(progress=lambda *_args: seen.append(gc.get_threshold()))
+    assert seen and all(t[0] == max(sync.ROUND_GC_THRESHOLD, before[0]) and t[1:] == before[1:] for t in seen)
+    assert gc.get_threshold() == before
+    with sync._fewer_collections():
+        with sync._fewer_collections():  # a second round overlapping the first (another workspace, a daemon)
+            pass
+        assert gc.get_threshold()[0] == max(sync.ROUND_GC_THRESHOLD, before[0])
+    assert gc.get_threshold() == before
