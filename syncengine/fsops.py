@@ -137,6 +137,11 @@ def _faults() -> list[tuple[str, int, int]]:
     return faults
 
 
+def faults_armed() -> bool:
+    """Whether a test asked an operation to fail: its Nth-call counts are this process's own."""
+    return bool(_faults())
+
+
 def check_fault(op: str, path: os.PathLike | str) -> None:
     """Raise the injected OSError if this is the operation a test asked to fail."""
     _maybe_fault(op, path)

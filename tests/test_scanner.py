@@ -396,3 +396,109 @@ def test_hash_with_head_reads_a_procfs_file_past_its_zero_size():
         pytest.skip("no procfs")
     digest, _stat, head = hash_with_head(path)
     assert head and digest == hashlib.sha256(head).hexdigest()
+
+
+def _hash_results(root: Path, rels: list[str]) -> list[tuple]:
+    return scanner._hash_files(os.path.join(root, ""), rels, {"known.json": ()}, None)
+
+
+def test_large_batch_is_hashed_half_in_a_forked_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A batch over FORK_MIN is split with a forked child: the same digests, stats, kinds and failures, in order."""
+    files = {f"d/{i:02}.json": f'{{"i": {i}}}\n' for i in range(12)}
+    files |= {"known.json": "{}\n", "e.bin": b"\x00\xff" * 3000, "f.md": "# f\n" * 900, "g/empty.txt": ""}
+    make_tree(tmp_path, files)
+    (tmp_path / "dir.json").mkdir()
+    rels = [*sorted(files), "dir.json", "gone.json"]
+    rels.insert(5, "gone2.json")
+    alone = _hash_results(tmp_path, rels)
+    forks: list[int] = []
+    real_fork = os.fork
+
+    def counted_fork() -> int:
+        forks.append(1)
+        return real_fork()
+
+    monkeypatch.setattr(os, "fork", counted_fork)
+    monkeypatch.setattr(scanner, "FORK_MIN", 4)
+    shared = _hash_results(tmp_path, rels)
+    assert forks == [1]
+    assert shared == alone
+    by_rel = dict(zip(rels, shared, strict=True))
+    assert by_rel["gone.json"][:2] == (None, True) and by_rel["gone2.json"][:2] == (None, True)
+    assert by_rel["dir.json"][:2] == (None, False)
+    assert by_rel["known.json"][2] is None and by_rel["e.bin"][2] == "binary" and by_rel["f.md"][2] == "text"
+
+
+def test_no_fork_beside_other_threads_or_when_fork_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Another thread running, or a fork refused (EAGAIN), leaves the whole batch to this process."""
+    import threading
+
+    make_tree(tmp_path, {f"{i}.txt": f"{i}\n" for i in range(8)})
+    rels = [f"{i}.txt" for i in range(8)]
+    alone = _hash_results(tmp_path, rels)
+    monkeypatch.setattr(scanner, "FORK_MIN", 2)
+    forks: list[int] = []
+    real_fork = os.fork
+
+    def counted_fork() -> int:
+        forks.append(1)
+        return real_fork()
+
+    monkeypatch.setattr(os, "fork", counted_fork)
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        assert _hash_results(tmp_path, rels) == alone
+    finally:
+        stop.set()
+        other.join()
+    assert forks == []
+
+    def refused() -> int:
+        raise OSError(errno.EAGAIN, "no more processes")
+
+    monkeypatch.setattr(os, "fork", refused)
+    assert _hash_results(tmp_path, rels) == alone
+
+
+def test_a_child_that_fails_leaves_its_half_to_this_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A child that dies before delivering (here: it cannot encode its results) costs time, not results."""
+    make_tree(tmp_path, {f"{i}.txt": f"{i}\n" for i in range(8)})
+    rels = [f"{i}.txt" for i in range(8)]
+    alone = _hash_results(tmp_path, rels)
+    monkeypatch.setattr(scanner, "FORK_MIN", 2)
+
+    def broken(_value: object) -> bytes:
+        raise ValueError("cannot encode")
+
+    monkeypatch.setattr(scanner.marshal, "dumps", broken)
+    assert _hash_results(tmp_path, rels) == alone
+
+
+def test_forked_first_scan_journals_what_one_process_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """init over FORK_MIN files journals the same rows, and reports progress up to the whole batch once."""
+    tree = {f"p/{i:03}.json": f'{{"n": {i}}}\n' for i in range(40)} | {"z.bin": b"\x01\x00" * 50}
+    rows = []
+    for name, fork_min in (("one", 10**9), ("two", 8)):
+        monkeypatch.setattr(scanner, "FORK_MIN", fork_min)
+        root = tmp_path / name
+        make_tree(root, tree)
+        backdate(root)
+        seen: list[tuple[int, int | None]] = []
+        record = seen.append
+        workspace, _ = Workspace.init(root)
+        try:
+            report = scanner.scan(root, workspace.journal, workspace.ignore, progress=lambda d, t, r=record: r((d, t)))
+            assert report.hashed == 0
+            (root / "late.json").write_text("{}\n")
+            for i in range(10):
+                (root / f"p/new{i}.json").write_text(f'{{"new": {i}}}\n')
+            report = scanner.scan(root, workspace.journal, workspace.ignore, progress=lambda d, t, r=record: r((d, t)))
+            assert report.hashed == 11 and len(report.created) == 11
+            assert seen[-1] == (11, 11) and [d for d, _t in seen].count(11) == 1
+            index = workspace.journal.local_index()
+            rows.append(sorted((path, r[1], r[2], r[7]) for path, r in index.items()))
+        finally:
+            workspace.close()
+    assert rows[0] == rows[1]
