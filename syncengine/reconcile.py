@@ -129,6 +129,10 @@ def reconcile(base: Version | None, local: Version | None, remote: Version | Non
     return _merge(base, local, remote, None, "B9 changed on both sides")
 
 
+# N4 as one value: a first sync decides it for every file, and a frozen Action can be shared.
+FIRST_PUSH = Action(Do.PUSH, rule="N4 no base, only here: create on the server")
+
+
 def _no_base(local: Version | None, remote: Version | None) -> Action:
     """Never synced, or the journal was lost: an absence is ambiguous, so nothing is deleted."""
     local_present = local is not None and local.present
@@ -141,7 +145,7 @@ def _no_base(local: Version | None, remote: Version | None) -> Action:
         return Action(Do.NOTHING, rule="N1 no base, absent on both sides")
     assert local is not None
     if remote is None:
-        return Action(Do.PUSH, rule="N4 no base, only here: create on the server")
+        return FIRST_PUSH
     if not remote_present:
         # Without a base we cannot tell "deleted there after we had it" from
         # "created here": keep the file and push it back on top of the deletion.

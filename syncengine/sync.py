@@ -29,7 +29,7 @@ from syncengine.fsops import failpoint
 from syncengine.journal import DocRow, Journal
 from syncengine.locks import FileLock
 from syncengine.models import PlannedAction, ScanProblem, SyncReport
-from syncengine.reconcile import Action, Do, reconcile
+from syncengine.reconcile import FIRST_PUSH, Action, Do, reconcile
 from syncengine.remote import Remote
 
 if TYPE_CHECKING:
@@ -52,6 +52,11 @@ def plan_for(journal: Journal, rows: list[DocRow] | None = None) -> list[tuple[D
         from syncengine.apply import versions  # the apply stack, loaded only when a document is out of step
     for row in rows:
         if row.doc_id in waiting:
+            continue
+        if row.base_rev is None and row.remote_rev is None and row.path is not None and row.hash is not None:
+            # No base, unknown to the server, here: rule N4, as reconcile() says, without
+            # building three Versions and an Action per row (a first sync of 10,000: all of them).
+            plan.append((row, FIRST_PUSH))
             continue
         action = reconcile(*versions(row))
         if action.do is not Do.NOTHING:

@@ -225,3 +225,32 @@ def test_applying_decisions_settles_within_three_rounds(base, local, remote):
             local = Version(action.path or remote.path, digest, action.executable)
             base = remote
     raise AssertionError(f"not settled after three rounds: {base} {local} {remote}")
+
+
+def test_plan_for_decides_as_reconcile_does_with_its_first_push_shortcut(tmp_path):
+    """plan_for's shortcut for rows with no base and no remote gives reconcile's own action, for every row."""
+    from syncengine import Workspace
+    from syncengine.apply import versions
+    from syncengine.reconcile import FIRST_PUSH
+    from syncengine.sync import plan_for
+    from syncengine.testing import make_tree
+
+    make_tree(tmp_path / "w", {f"{i}.json": f'{{"i": {i}}}\n' for i in range(6)})
+    ws, _ = Workspace.init(tmp_path / "w")
+    try:
+        journal = ws.journal
+        rows = {row.path: row for row in journal.documents()}
+        journal.update_doc(rows["1.json"].doc_id, remote_rev=3, remote_path="1.json", remote_hash="f" * 64)
+        journal.update_doc(rows["2.json"].doc_id, base_rev=2, base_path="2.json", base_hash=rows["2.json"].hash,
+                           remote_rev=2, remote_path="2.json", remote_hash=rows["2.json"].hash)
+        journal.update_doc(rows["3.json"].doc_id, remote_rev=4, remote_path="3.json", remote_hash=None)
+        journal.update_doc(rows["4.json"].doc_id, path=None, hash=None)
+        plan = plan_for(journal)
+        expected = [(row, action) for row in journal.unsettled()
+                    if (action := reconcile(*versions(row))).do is not Do.NOTHING]
+        assert plan == expected
+        assert [row.path for row, action in plan if action is FIRST_PUSH] == ["0.json", "5.json"]
+        assert {row.path: action.do for row, action in plan} == {
+            "0.json": Do.PUSH, "5.json": Do.PUSH, "1.json": Do.MERGE, "3.json": Do.MERGE}
+    finally:
+        ws.close()
