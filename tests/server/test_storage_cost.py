@@ -126,3 +126,29 @@ def test_an_applied_op_is_stored_as_the_json_of_its_answer_and_replayed_as_it(tr
         assert stored[item.op_id] == json.dumps(answer)
     again = storage.commit(ws, "c1", items)
     assert again.results == first.results and again.applied == 0
+
+
+def _transactions(statements: list[str]) -> list[str]:
+    return [s for s in statements if s.lstrip().upper().startswith(("BEGIN", "COMMIT"))]
+
+
+def test_a_pack_nobody_waits_behind_is_one_transaction_and_a_waiting_commit_splits_it(traced, monkeypatch):
+    """Each transaction is an fsync (~3 ms): pieces share one until a commit waits at the writers' gate."""
+    import syncengine.server.storage as storage_module
+
+    storage, statements = traced
+    ws = storage.ensure_workspace("alpha")
+    blobs = _blobs(4 * PACK_PIECE)
+    statements.clear()
+    _store(storage, ws, blobs[: 2 * PACK_PIECE])
+    assert [s.split()[0].upper() for s in _transactions(statements)] == ["BEGIN", "COMMIT"]
+    # A commit waiting (as the gate counts it): the pack lets go after each piece.
+    monkeypatch.setattr(storage_module, "_PATIENCE", 0.0)
+    storage._writers._urgent = 1
+    statements.clear()
+    _store(storage, ws, blobs[2 * PACK_PIECE :])
+    storage._writers._urgent = 0
+    assert [s.split()[0].upper() for s in _transactions(statements)] == ["BEGIN", "COMMIT"] * 2
+    infos = storage.blob_infos(ws, [h for h, _ in blobs])
+    data = storage.small_blob_data(list(infos.values()))
+    assert {h: data[i.pk] for h, i in infos.items()} == dict(blobs)
