@@ -398,12 +398,33 @@ def test_hash_with_head_reads_a_procfs_file_past_its_zero_size():
     assert head and digest == hashlib.sha256(head).hexdigest()
 
 
+def _here_or_alone(request: pytest.FixtureRequest) -> bool:
+    """Whether this test can fork here; else it is run (and must pass) in a fresh pytest process.
+
+    The scanner never forks beside another thread, and an earlier test's
+    server may have left one running in this process.
+    """
+    import subprocess
+    import sys
+    import threading
+
+    if threading.active_count() == 1:
+        return True
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", request.node.nodeid],
+                            cwd=request.config.rootpath, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return False
+
+
 def _hash_results(root: Path, rels: list[str]) -> list[tuple]:
     return scanner._hash_files(os.path.join(root, ""), rels, {"known.json": ()}, None)
 
 
-def test_large_batch_is_hashed_half_in_a_forked_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_large_batch_is_hashed_half_in_a_forked_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        request: pytest.FixtureRequest):
     """A batch over FORK_MIN is split with a forked child: the same digests, stats, kinds and failures, in order."""
+    if not _here_or_alone(request):
+        return
     files = {f"d/{i:02}.json": f'{{"i": {i}}}\n' for i in range(12)}
     files |= {"known.json": "{}\n", "e.bin": b"\x00\xff" * 3000, "f.md": "# f\n" * 900, "g/empty.txt": ""}
     make_tree(tmp_path, files)
@@ -462,8 +483,11 @@ def test_no_fork_beside_other_threads_or_when_fork_fails(tmp_path: Path, monkeyp
     assert _hash_results(tmp_path, rels) == alone
 
 
-def test_a_child_that_fails_leaves_its_half_to_this_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_a_child_that_fails_leaves_its_half_to_this_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        request: pytest.FixtureRequest):
     """A child that dies before delivering (here: it cannot encode its results) costs time, not results."""
+    if not _here_or_alone(request):
+        return
     make_tree(tmp_path, {f"{i}.txt": f"{i}\n" for i in range(8)})
     rels = [f"{i}.txt" for i in range(8)]
     alone = _hash_results(tmp_path, rels)
@@ -472,12 +496,24 @@ def test_a_child_that_fails_leaves_its_half_to_this_process(tmp_path: Path, monk
     def broken(_value: object) -> bytes:
         raise ValueError("cannot encode")
 
+    forks: list[int] = []
+    real_fork = os.fork
+
+    def counted_fork() -> int:
+        forks.append(1)
+        return real_fork()
+
+    monkeypatch.setattr(os, "fork", counted_fork)
     monkeypatch.setattr(scanner.marshal, "dumps", broken)
     assert _hash_results(tmp_path, rels) == alone
+    assert forks == [1]
 
 
-def test_forked_first_scan_journals_what_one_process_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_forked_first_scan_journals_what_one_process_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        request: pytest.FixtureRequest):
     """init over FORK_MIN files journals the same rows, and reports progress up to the whole batch once."""
+    if not _here_or_alone(request):
+        return
     tree = {f"p/{i:03}.json": f'{{"n": {i}}}\n' for i in range(40)} | {"z.bin": b"\x01\x00" * 50}
     rows = []
     for name, fork_min in (("one", 10**9), ("two", 8)):
