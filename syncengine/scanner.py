@@ -297,7 +297,7 @@ def detect(
 
 
 FORK_MIN = 2000  # files to hash before a second process takes half of them
-_MAX_FD = 1 << 20
+_MAX_FD = os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 1 << 16  # a child closes what it inherited
 
 
 def _hash_files(top: str, rels: list[str], index: dict[str, tuple], progress: Progress | None) -> list[tuple]:
@@ -317,15 +317,21 @@ def _hash_files(top: str, rels: list[str], index: dict[str, tuple], progress: Pr
         child = _fork_hashing(top, rels[half:], index)
         if child is not None:
             pid, fd = child
+            status: int | None = None
             try:
                 # Its last report waits for the child's half (below).
                 mine = _hash_part(top, rels[:half], index,
                                   (lambda done, total: progress(min(done, total - 1), total)) if progress else None,
                                   len(rels))
-                theirs = _collect(pid, fd, len(rels) - half)
-            except BaseException:
-                _reap(pid, fd, kill=True)
-                raise
+                data = _read_all(fd)
+                status = _wait(pid)
+            finally:
+                os.close(fd)
+                if status is None:  # interrupted: the child's work is not wanted any more
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
+                    _wait(pid)
+            theirs = _decode(data, len(rels) - half) if status == 0 else None
             if theirs is None:  # the child failed: hash its half here
                 theirs = _hash_part(top, rels[half:], index, None, len(rels))
             if progress and rels:
@@ -391,30 +397,14 @@ def _fork_hashing(top: str, rels: list[str], index: dict[str, tuple]) -> tuple[i
     return pid, rfd
 
 
-def _collect(pid: int, fd: int, count: int) -> list[tuple] | None:
-    """The child's results, or None if it did not deliver all of them (then its half is hashed here)."""
+def _read_all(fd: int) -> bytes:
     chunks = []
-    try:
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-    finally:
-        status = _reap(pid, fd)
-    if status != 0:
-        return None
-    try:
-        rows = marshal.loads(b"".join(chunks))
-    except (EOFError, ValueError, TypeError):
-        return None
-    if type(rows) is not list or len(rows) != count:
-        return None
-    return [(r[0], FileStat(*r[1:6]), r[6]) if r[0] is not None else r for r in rows]
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
-def _reap(pid: int, fd: int, kill: bool = False) -> int:
-    os.close(fd)
-    if kill:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
+def _wait(pid: int) -> int:
     while True:
         try:
             return os.waitpid(pid, 0)[1]
@@ -422,6 +412,17 @@ def _reap(pid: int, fd: int, kill: bool = False) -> int:
             continue
         except ChildProcessError:
             return -1
+
+
+def _decode(data: bytes, count: int) -> list[tuple] | None:
+    """The child's results, or None if it did not deliver all of them (then its half is hashed here)."""
+    try:
+        rows = marshal.loads(data)
+    except (EOFError, ValueError, TypeError):
+        return None
+    if type(rows) is not list or len(rows) != count:
+        return None
+    return [(r[0], FileStat(*r[1:6]), r[6]) if r[0] is not None else r for r in rows]
 
 
 def _change(op: Op, rel: str, digest: str, st: FileStat, **kw) -> LocalChange:
