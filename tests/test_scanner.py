@@ -538,3 +538,34 @@ def test_forked_first_scan_journals_what_one_process_does(tmp_path: Path, monkey
         finally:
             workspace.close()
     assert rows[0] == rows[1]
+
+
+def test_an_interrupted_forked_batch_leaves_no_child_nor_descriptor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        request: pytest.FixtureRequest):
+    """An exception in this process while the child hashes (here from progress) kills and reaps the child."""
+    if not _here_or_alone(request):
+        return
+    make_tree(tmp_path, {f"{i}.txt": f"{i}\n" for i in range(8)})
+    monkeypatch.setattr(scanner, "FORK_MIN", 2)
+    forks: list[int] = []
+    real_fork = os.fork
+
+    def counted_fork() -> int:
+        pid = real_fork()
+        if pid:
+            forks.append(pid)
+        return pid
+
+    monkeypatch.setattr(os, "fork", counted_fork)
+    fds = sorted(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+
+    def interrupt(_done: int, _total: int | None) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        scanner._hash_files(os.path.join(tmp_path, ""), [f"{i}.txt" for i in range(8)], {}, interrupt)
+    assert len(forks) == 1
+    with pytest.raises(ChildProcessError):
+        os.waitpid(forks[0], os.WNOHANG)  # already reaped
+    if fds is not None:
+        assert sorted(os.listdir("/proc/self/fd")) == fds
