@@ -29,8 +29,14 @@ RUN_DIR = Path(os.environ.get("SYNCENGINE_BENCH_DIR", REPO / "bench-run"))
 VENV_BIN = Path(sys.executable).parent
 TICK = os.sysconf("SC_CLK_TCK")
 # This machine's ext4 runs without a journal: creating many files right after
-# deleting many is up to 20x slower for about 40 s. Every tool waits alike.
-SETTLE_SECONDS = float(os.environ.get("SYNCENGINE_BENCH_SETTLE", "40"))
+# deleting many is up to 20x slower, for 40 s or, after a big deletion, well
+# over a minute (10,000 creates in 3.9 s instead of ~0.25 s, 60 s after one).
+# That bills the tools whose servers create files (unison, rclone), not ours.
+# After deleting an old run, the bench waits until creating files is as fast
+# as before the deletion, at most this long.
+SETTLE_SECONDS = float(os.environ.get("SYNCENGINE_BENCH_SETTLE", "240"))
+SETTLE_MIN_SECONDS = 40  # the slowdown can start after a quiet spell: a probe at 5 s may still be fast
+PROBE_FILES = 400
 
 _WORDS = (
     "invoice", "total", "amount", "date", "customer", "address", "page", "header", "footer", "table", "row",
@@ -166,15 +172,50 @@ def tree_digest(root: Path, skip: Sequence[str] = (".syncengine",)) -> dict[str,
 
 
 def fresh_dir(path: Path, settle: float = SETTLE_SECONDS) -> Path:
-    """An empty ``path``; if something had to be deleted, wait for the file system to settle."""
+    """An empty ``path``; if something had to be deleted, wait until file creation is fast again."""
     if path.exists():
+        probes = path.parent / ".settle-probe"
+        before = _probe(probes) if settle > 0 else 0.0
         shutil.rmtree(path)
+        for old in sorted(probes.iterdir())[:-1] if probes.exists() else ():  # earlier runs' probes
+            shutil.rmtree(old)
         os.sync()
         if settle > 0:
-            say(f"  (deleted an old {path.name}; waiting {settle:.0f} s for ext4 to settle)")
-            time.sleep(settle)
+            say(f"  (deleted an old {path.name}; waiting until ext4 creates files as fast as before, "
+                f"at most {settle:.0f} s)")
+            waited, took = _settle(probes, before, settle)
+            say(f"  (settled after {waited:.0f} s: {PROBE_FILES} creates {took * 1000:.0f} ms, "
+                f"{before * 1000:.0f} ms before the deletion)")
     path.mkdir(parents=True)
     return path
+
+
+def _probe(root: Path) -> float:
+    """Seconds to create PROBE_FILES small files in a new folder under ``root``.
+
+    The folder is kept until the next deletion: deleting is what slows creation.
+    """
+    folder = root / f"{time.time_ns()}"
+    folder.mkdir(parents=True)
+    data = b"x" * 2048
+    start = time.perf_counter()
+    for i in range(PROBE_FILES):
+        with open(folder / f"{i}.json", "wb") as fh:
+            fh.write(data)
+    return time.perf_counter() - start
+
+
+def _settle(probes: Path, before: float, limit: float) -> tuple[float, float]:
+    """Wait SETTLE_MIN_SECONDS, then probe every 5 s until creating files takes at most 1.5x what it did before."""
+    start = time.monotonic()
+    took = before
+    time.sleep(max(0.0, min(SETTLE_MIN_SECONDS, limit) - 5))
+    while time.monotonic() - start < limit:
+        time.sleep(5)
+        took = _probe(probes)
+        if took <= 1.5 * before + 0.005:
+            break
+    return time.monotonic() - start, took
 
 
 def quiesce() -> None:
