@@ -299,21 +299,19 @@ def read_hashed(path: str | Path, size: int | None, digest: str | None) -> bytes
     """
     if size is None:
         data, _st = read_bytes(Path(path))
-        if digest is None or hashlib.sha256(data).hexdigest() != digest:
-            raise ChangedUnderfoot("changed since the scan; it will go next round", paths=[str(path)])
-        return data
-    _maybe_fault("read", path)
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-    try:
-        data = os.read(fd, size + 1)
-        while 0 < len(data) < size:  # a short read (rare): go on to the size or the end
-            more = os.read(fd, size + 1 - len(data))
-            if not more:
-                break
-            data += more
-    finally:
-        os.close(fd)
-    if digest is None or len(data) != size or hashlib.sha256(data).hexdigest() != digest:
+    else:
+        _maybe_fault("read", path)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        try:
+            data = os.read(fd, size + 1)
+            while 0 < len(data) < size:  # a short read (rare): go on to the size or the end
+                more = os.read(fd, size + 1 - len(data))
+                if not more:
+                    break
+                data += more
+        finally:
+            os.close(fd)
+    if digest is None or (size is not None and len(data) != size) or sha256(data) != digest:
         raise ChangedUnderfoot("changed since the scan; it will go next round", paths=[str(path)])
     return data
 

@@ -4,14 +4,14 @@ The blobs go up in waves of up to 1,000 documents (ten commit batches; a
 large push starts with one batch and doubles): one ``missing`` call (none
 into a workspace that never had a change), packs of the blobs the server
 lacks (large files streamed one by one), and the wave's bases kept locally.
-Each document is read once and hashed once, against the scan's hash. Two threads run the waves ahead of the commits,
-so the server stores the next waves' blobs while this one is committed; every
-blob is up before the commit that names it (DESIGN §4). Commits carry at
-most 100 changes each, two in flight on two connections when they commute
-(see :func:`_touches`), and a batch's answers are recorded while the server
-works on the next ones. A push costs
-O(changes / 100) commits and O(changes / 1,000) other requests, never one
-per file. Every item's op id is derived from the change itself, so a retry
+Each document is read once and hashed once, against the scan's hash. Two
+threads run the waves ahead of the commits, so the server stores the next
+waves' blobs while this one is committed; every blob is up before the
+commit that names it (DESIGN §4). Commits carry at most 100 changes each,
+two in flight on two connections when they commute (see :func:`_touches`),
+and a batch's answers are recorded while the server works on the next
+ones. A push costs O(changes / 100) commits and O(changes / 1,000) other
+requests, never one per file. Every item's op id is derived from the change itself, so a retry
 after a crash is the same op and the server answers it as it did the first
 time.
 

@@ -405,13 +405,10 @@ def _read_all(fd: int) -> bytes:
 
 
 def _wait(pid: int) -> int:
-    while True:
-        try:
-            return os.waitpid(pid, 0)[1]
-        except InterruptedError:
-            continue
-        except ChildProcessError:
-            return -1
+    try:
+        return os.waitpid(pid, 0)[1]  # EINTR is retried by Python itself (PEP 475)
+    except ChildProcessError:
+        return -1
 
 
 def _decode(data: bytes, count: int) -> list[tuple] | None:

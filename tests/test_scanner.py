@@ -416,6 +416,21 @@ def _here_or_alone(request: pytest.FixtureRequest) -> bool:
     return False
 
 
+def _count_forks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The pids of the children os.fork starts from now on (recorded in this process only)."""
+    forks: list[int] = []
+    real_fork = os.fork
+
+    def counted_fork() -> int:
+        pid = real_fork()
+        if pid:
+            forks.append(pid)
+        return pid
+
+    monkeypatch.setattr(os, "fork", counted_fork)
+    return forks
+
+
 def _hash_results(root: Path, rels: list[str]) -> list[tuple]:
     return scanner._hash_files(os.path.join(root, ""), rels, {"known.json": ()}, None)
 
@@ -432,17 +447,10 @@ def test_large_batch_is_hashed_half_in_a_forked_child(tmp_path: Path, monkeypatc
     rels = [*sorted(files), "dir.json", "gone.json"]
     rels.insert(5, "gone2.json")
     alone = _hash_results(tmp_path, rels)
-    forks: list[int] = []
-    real_fork = os.fork
-
-    def counted_fork() -> int:
-        forks.append(1)
-        return real_fork()
-
-    monkeypatch.setattr(os, "fork", counted_fork)
+    forks = _count_forks(monkeypatch)
     monkeypatch.setattr(scanner, "FORK_MIN", 4)
     shared = _hash_results(tmp_path, rels)
-    assert forks == [1]
+    assert len(forks) == 1
     assert shared == alone
     by_rel = dict(zip(rels, shared, strict=True))
     assert by_rel["gone.json"][:2] == (None, True) and by_rel["gone2.json"][:2] == (None, True)
@@ -458,14 +466,7 @@ def test_no_fork_beside_other_threads_or_when_fork_fails(tmp_path: Path, monkeyp
     rels = [f"{i}.txt" for i in range(8)]
     alone = _hash_results(tmp_path, rels)
     monkeypatch.setattr(scanner, "FORK_MIN", 2)
-    forks: list[int] = []
-    real_fork = os.fork
-
-    def counted_fork() -> int:
-        forks.append(1)
-        return real_fork()
-
-    monkeypatch.setattr(os, "fork", counted_fork)
+    forks = _count_forks(monkeypatch)
     stop = threading.Event()
     other = threading.Thread(target=stop.wait)
     other.start()
@@ -496,17 +497,10 @@ def test_a_child_that_fails_leaves_its_half_to_this_process(tmp_path: Path, monk
     def broken(_value: object) -> bytes:
         raise ValueError("cannot encode")
 
-    forks: list[int] = []
-    real_fork = os.fork
-
-    def counted_fork() -> int:
-        forks.append(1)
-        return real_fork()
-
-    monkeypatch.setattr(os, "fork", counted_fork)
+    forks = _count_forks(monkeypatch)
     monkeypatch.setattr(scanner.marshal, "dumps", broken)
     assert _hash_results(tmp_path, rels) == alone
-    assert forks == [1]
+    assert len(forks) == 1
 
 
 def test_forked_first_scan_journals_what_one_process_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -547,16 +541,7 @@ def test_an_interrupted_forked_batch_leaves_no_child_nor_descriptor(tmp_path: Pa
         return
     make_tree(tmp_path, {f"{i}.txt": f"{i}\n" for i in range(8)})
     monkeypatch.setattr(scanner, "FORK_MIN", 2)
-    forks: list[int] = []
-    real_fork = os.fork
-
-    def counted_fork() -> int:
-        pid = real_fork()
-        if pid:
-            forks.append(pid)
-        return pid
-
-    monkeypatch.setattr(os, "fork", counted_fork)
+    forks = _count_forks(monkeypatch)
     fds = sorted(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
 
     def interrupt(_done: int, _total: int | None) -> None:
