@@ -13,6 +13,10 @@ from cli.workspace_cmds import open_workspace
 from syncengine.conflicts import STRATEGIES
 from syncengine.models import SyncReport
 
+# The round's own stack (the HTTP client included), imported with the command rather than by the engine's first
+# call: during start-up's pause of the collector (cli.main), and frozen after it.
+from syncengine import sync as _round  # noqa: F401  isort: skip
+
 if TYPE_CHECKING:
     from rich.console import Console
 

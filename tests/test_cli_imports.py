@@ -56,6 +56,57 @@ def run_probe(tmp_path: Path, *args: str | Path, **env: str) -> tuple[int, set[s
     return proc.returncode, set(out.read_text().split()), proc.stdout
 
 
+_COLLECTOR_PROBE = """
+import atexit, gc, sys
+out = sys.argv.pop(1)
+seen = {"during_start_up": 0, "before_run": 0, "after": 0}
+def count(phase, info):
+    if phase == "start":
+        seen["after" if gc.get_freeze_count() else "during_start_up" if started else "before_run"] += 1
+started = False
+gc.callbacks.append(count)
+atexit.register(lambda: open(out, "w").write(repr((seen, gc.isenabled(), gc.get_freeze_count() > 0,
+                                                   "syncengine.sync" in sys.modules))))
+gc.set_threshold(100)  # young collections seven times as often as by default: none slips through unseen
+from cli.main import run
+sys.argv[0] = "syncengine"
+started = True
+run()
+"""
+
+
+def collections_of(tmp_path: Path, *args: str | Path) -> tuple[int, tuple[dict[str, int], bool, bool, bool]]:
+    """Run `syncengine ARGS` counting the collector's runs before `run()`, during start-up and after it."""
+    out = tmp_path / "collector.txt"
+    proc = subprocess.run([sys.executable, "-c", _COLLECTOR_PROBE, str(out), *map(str, args)], capture_output=True,
+                          text=True, env=cli_env(), cwd=REPO, timeout=120)
+    assert out.exists(), proc.stderr
+    return proc.returncode, eval(out.read_text())  # noqa: S307 - our own probe's repr
+
+
+def test_start_up_imports_run_without_the_collector_which_runs_for_the_command(tmp_path: Path, sample_ws):
+    """A CLI process pauses the collector while it imports its command's stacks (objects that live until exit:
+    ~11 ms of young collections for nothing in a no-op sync), then freezes them and collects as usual, so a
+    long command (daemon, serve, a big sync) still has its collector. `sync` imports its round with the command."""
+    for args in (("status", "--json"), ("sync", "--json")):
+        code, (seen, enabled, frozen, round_loaded) = collections_of(tmp_path, "-C", sample_ws.root, *args)
+        assert code in (0, 2), (args, code)  # sync: no server configured -> a usage error, after start-up
+        assert seen["before_run"] > 0 and seen["during_start_up"] == 0, (args, seen)
+        assert enabled and frozen, args
+        assert round_loaded == (args[0] == "sync")
+
+
+def test_loading_commands_in_a_process_leaves_its_collector_alone():
+    """Only `run` (a CLI process) pauses the collector: importing and loading commands in-process does not."""
+    import gc
+
+    from cli.main import _register
+
+    frozen = gc.get_freeze_count()
+    _register()
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
+
+
 def _tops(modules: set[str]) -> set[str]:
     return {name.split(".")[0] for name in modules}
 
