@@ -24,10 +24,11 @@ NEVER_FOR_A_CLIENT = ("fastapi", "uvicorn", "starlette", "psycopg2", "watchdog",
                       "rich", "tomlkit")
 # What a round loads only when it has something to apply or push (and status only to show a snapshot),
 # the blob store's stack (ctypes, subprocess, its SQLite table), loaded by what reads or writes blobs,
-# and the values other commands show (syncengine.views: 13 dataclasses, ~10 ms to create).
+# the values other commands show (syncengine.views: 13 dataclasses, ~10 ms to create), and the merge stack
+# (merge, merge_text, merge3), which only a conflict or a .syncrules with field rules needs.
 NOT_FOR_A_NO_OP = ("syncengine.apply", "syncengine.applier", "syncengine.staging", "syncengine.push",
                    "syncengine.history", "syncengine.blobs", "syncengine.chunkindex", "syncengine.durable",
-                   "syncengine.views")
+                   "syncengine.views", "syncengine.merge", "syncengine.merge_text", "merge3")
 COMMAND_MODULES = ("cli.workspace_cmds", "cli.sync_cmds", "cli.history", "cli.conflict_cmds", "cli.server_cmds",
                    "cli.daemon_cmds")
 
@@ -81,7 +82,7 @@ def collections_of(tmp_path: Path, *args: str | Path) -> tuple[int, tuple[dict[s
     proc = subprocess.run([sys.executable, "-c", _COLLECTOR_PROBE, str(out), *map(str, args)], capture_output=True,
                           text=True, env=cli_env(), cwd=REPO, timeout=120)
     assert out.exists(), proc.stderr
-    return proc.returncode, eval(out.read_text())  # noqa: S307 - our own probe's repr
+    return proc.returncode, eval(out.read_text())
 
 
 def test_start_up_imports_run_without_the_collector_which_runs_for_the_command(tmp_path: Path, sample_ws):
