@@ -125,7 +125,8 @@ def test_help_imports_no_command_module_and_no_engine(tmp_path: Path):
 @pytest.mark.integration
 def test_status_and_sync_json_import_only_their_own_stack(tmp_path: Path, kit):
     """`status --json` and `sync --json` in a synced workspace load their one command module and none of the
-    server, daemon, terminal-rendering or config-writing libraries; status does not load the HTTP client."""
+    server, daemon, terminal-rendering or config-writing libraries; status does not load the HTTP client, nor
+    the blob store."""
     replica = kit.replica({"a.json": '{"x": 1}\n', "notes/b.md": "# b\n"})
     code, modules = imported_by(tmp_path, "-C", replica.root, "sync", "--json")
     assert code == 0
@@ -139,6 +140,8 @@ def test_status_and_sync_json_import_only_their_own_stack(tmp_path: Path, kit):
     assert not _tops(modules) & {*NEVER_FOR_A_CLIENT, "requests", "urllib3", "merge3", "pathspec"}  # no .syncignore
     assert set(COMMAND_MODULES) & modules == {"cli.workspace_cmds"}
     assert "syncengine.remote" not in modules and "syncengine.merge" not in modules
+    # It shows the last sync's time (history.iso), not a snapshot: the blob store's stack stays unloaded.
+    assert not modules & {"syncengine.blobs", "syncengine.durable", "ctypes", "syncengine.protocol"}
 
 
 def test_init_writes_its_config_without_tomlkit(tmp_path: Path, sample_tree: Path):
