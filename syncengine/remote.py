@@ -28,7 +28,6 @@ from __future__ import annotations
 import abc
 import contextlib
 import email.utils
-import gzip
 import hashlib
 import ipaddress
 import json
@@ -583,6 +582,8 @@ class HttpRemote(Remote):
         if len(raw) <= p.GZIP_MIN_BYTES or not _worth_compressing(raw):
             return raw
         headers["Content-Encoding"] = "gzip"
+        import gzip  # a body worth compressing: a no-op round sends none
+
         return gzip.compress(raw, compresslevel=GZIP_LEVEL, mtime=0)
 
     def _refused(self, resp: requests.Response) -> Exception:

@@ -26,10 +26,12 @@ NEVER_FOR_A_CLIENT = ("fastapi", "uvicorn", "starlette", "psycopg2", "watchdog",
 # the blob store's stack (ctypes, subprocess, its SQLite table), loaded by what reads or writes blobs,
 # the values other commands show (syncengine.views: 13 dataclasses, ~10 ms to create), the merge stack
 # (merge, merge_text, merge3), which only a conflict or a .syncrules with field rules needs, and the wire
-# messages that move content (syncengine.exchange: 13 dataclasses, ~7 ms).
+# messages that move content (syncengine.exchange: 13 dataclasses, ~7 ms), with the download's thread pool and
+# the upload's gzip.
 NOT_FOR_A_NO_OP = ("syncengine.apply", "syncengine.applier", "syncengine.staging", "syncengine.push",
                    "syncengine.history", "syncengine.blobs", "syncengine.chunkindex", "syncengine.durable",
-                   "syncengine.views", "syncengine.merge", "syncengine.merge_text", "merge3", "syncengine.exchange")
+                   "syncengine.views", "syncengine.merge", "syncengine.merge_text", "merge3", "syncengine.exchange",
+                   "concurrent.futures", "gzip")
 COMMAND_MODULES = ("cli.workspace_cmds", "cli.sync_cmds", "cli.history", "cli.conflict_cmds", "cli.server_cmds",
                    "cli.daemon_cmds")
 
