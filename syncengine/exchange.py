@@ -257,6 +257,8 @@ class CommitResult:
 
 @dataclass(frozen=True, slots=True)
 class CommitResponse:
+    """Answer to ``commit``: one result per item, in the request's order."""
+
     results: tuple[CommitResult, ...]
 
     @classmethod
@@ -280,6 +282,8 @@ class HashesRequest:
 
 @dataclass(frozen=True, slots=True)
 class MissingResponse:
+    """Answer to ``blobs/missing``: the asked hashes the server does not hold (the ones to upload)."""
+
     missing: tuple[str, ...]
 
     @classmethod

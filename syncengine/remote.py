@@ -124,6 +124,8 @@ class BlobSource:
 
 @dataclass(frozen=True, slots=True)
 class BlobFailure:
+    """A blob a transfer could not move, and why."""
+
     hash: str
     reason: str
 
@@ -179,6 +181,8 @@ class FetchedBlob:
 
 @dataclass(frozen=True, slots=True)
 class DownloadReport:
+    """What a download did per hash: stored, absent on the server, or failed (with why)."""
+
     done: tuple[str, ...] = ()
     missing: tuple[str, ...] = ()
     failed: tuple[BlobFailure, ...] = ()
