@@ -10,12 +10,12 @@ import click
 from cli.main import Context
 from cli.render import emit, escape, json_option
 from cli.workspace_cmds import open_workspace
-from syncengine.conflicts import STRATEGIES
-from syncengine.models import SyncReport
 
 # The round's own stack (the HTTP client included), imported with the command rather than by the engine's first
-# call: during start-up's pause of the collector (cli.main), and frozen after it.
-from syncengine import sync as _round  # noqa: F401  isort: skip
+# call: inside start-up's pause of the collector (cli.main), and frozen after it.
+from syncengine import sync as _round  # noqa: F401
+from syncengine.conflicts import STRATEGIES
+from syncengine.models import SyncReport
 
 if TYPE_CHECKING:
     from rich.console import Console
