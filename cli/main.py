@@ -75,6 +75,7 @@ class LazyGroup(click.Group):
         if cmd_name not in self.commands and cmd_name in self.lazy:
             module = importlib.import_module(self.lazy[cmd_name][0])
             self.add_command(getattr(module, cmd_name), cmd_name)
+            _end_start_up()
         return self.commands.get(cmd_name)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
@@ -177,7 +178,34 @@ def main(args: list[str] | None = None) -> int:
     return result if isinstance(result, int) else 0
 
 
+_START_UP = {"collector_paused": False}
+
+
+def _pause_collector() -> None:
+    """No automatic collection while a CLI process imports its stacks (`run` until its command's module is in).
+
+    Imports only allocate what lives until exit (modules, classes,
+    functions), yet a no-op sync's ~100,000 such objects paid ~75 young
+    collections, ~11 ms of its ~155 ms of imports, for nothing to free.
+    """
+    if gc.isenabled():
+        gc.disable()
+        _START_UP["collector_paused"] = True
+
+
+def _end_start_up() -> None:
+    """Freeze what start-up made (never scanned again, by a round's collections either) and collect as usual.
+
+    Only a process `run` paused: a test or tool importing a command keeps its own collector as it was.
+    """
+    if _START_UP["collector_paused"]:
+        _START_UP["collector_paused"] = False
+        gc.freeze()
+        gc.enable()
+
+
 def run() -> None:
+    _pause_collector()
     code = main()
     # The process ends now. Interpreter teardown walks every object left (the
     # imported stacks: ~30 ms after a no-op sync, more than its HTTP request);

@@ -18,6 +18,8 @@ from syncengine.errors import UsageError
 
 @dataclass
 class ServerConfig:
+    """``[server]``: where this workspace syncs and how hard to try (the token is kept by syncengine.credentials)."""
+
     url: str = ""  # sync server base URL, e.g. http://127.0.0.1:8765
     workspace: str = ""  # workspace name on the server
     ca_file: str = ""  # CA bundle to verify the server's certificate (empty: system CAs)
@@ -28,6 +30,8 @@ class ServerConfig:
 
 @dataclass
 class SyncConfig:
+    """``[sync]``: a round's defaults (strategy, delete guard, batch size, lock wait)."""
+
     strategy: str = "merge"  # default conflict strategy (merge, keep-both, local, remote, newest, manual)
     max_delete: float = 50.0  # percent of the workspace one round may delete without --force
     max_delete_min: int = 10  # ... and the guard trips only above this many files too
@@ -37,6 +41,8 @@ class SyncConfig:
 
 @dataclass
 class AutosaveConfig:
+    """``[autosave]``: when the daemon takes a snapshot of pending edits."""
+
     max_pending: int = 10  # snapshot at once when this many distinct paths are pending
     min_interval: float = 5.0  # ... or when this many seconds passed since the last snapshot
     idle: float = 30.0  # snapshot what is left pending after this many quiet seconds
@@ -44,6 +50,8 @@ class AutosaveConfig:
 
 @dataclass
 class DaemonConfig:
+    """``[daemon]``: the watcher's timings and the fallbacks when watching or the live channel fail."""
+
     coalesce_ms: int = 200  # change-tracker window per path: a path busy this long is looked at anyway
     settle_ms: int = 40  # ... and a path quiet this long is looked at at once
     rescan_interval: float = 3600.0  # full rescan safety net (jittered ±10%)
@@ -56,12 +64,16 @@ class DaemonConfig:
 
 @dataclass
 class HistoryConfig:
+    """``[history]``: what `gc` keeps of the snapshots."""
+
     keep: str = "30d"  # gc keeps snapshots younger than this (s, m, h, d, w)
     keep_last: int = 20  # ... and always at least this many snapshots
 
 
 @dataclass
 class Config:
+    """config.toml as values: every section with its defaults, so a file naming few keys is complete."""
+
     server: ServerConfig = field(default_factory=ServerConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     autosave: AutosaveConfig = field(default_factory=AutosaveConfig)

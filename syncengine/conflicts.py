@@ -11,13 +11,16 @@ from __future__ import annotations
 import posixpath
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
-from syncengine import merge as merging
-from syncengine.documents import changed_zones
 from syncengine.errors import UsageError
 from syncengine.fieldpaths import ROOT
-from syncengine.merge_text import changed_ranges
-from syncengine.models import Kind
+
+if TYPE_CHECKING:
+    from syncengine.models import Kind
+
+# The merge stack (merge, merge_text with difflib and merge3) is imported by the functions that settle content:
+# every `sync` needs STRATEGIES, only a round with a conflict needs a merge.
 
 STRATEGIES = ("merge", "keep-both", "local", "remote", "newest", "manual")
 
@@ -99,6 +102,8 @@ def resolve_content(
     newer = "local" if local_is_newer else "remote"
     if strategy == "merge":
         if kind.mergeable:
+            from syncengine import merge as merging
+
             result = merging.merge(kind, base, local, remote, rules=field_rules or None, newer=newer)
             if result.merged is not None:
                 return Outcome("merged", result.merged, touched=result.touched, details=result.settled)
@@ -128,6 +133,9 @@ def involved(kind: Kind, base: bytes | None, local: bytes, remote: bytes) -> tup
     """
     if not kind.mergeable:
         return (ROOT,)
+    from syncengine import merge as merging
+    from syncengine.merge_text import changed_ranges
+
     result = merging.merge(kind, base, local, remote)
     if result.conflicts:
         return result.conflicts
@@ -142,6 +150,8 @@ def _zones(kind: Kind, old: bytes, new: bytes) -> tuple[str, ...]:
     """Field paths that differ from ``old`` to ``new`` (none for text, binary, or a side that does not parse)."""
     if old == new:
         return ()
+    from syncengine.documents import changed_zones
+
     return tuple(changed_zones(kind, old, new))
 
 

@@ -18,7 +18,6 @@ kind; comments and layout come back from the ``like`` bytes at
 from __future__ import annotations
 
 import codecs
-import difflib
 import json
 import math
 import os
@@ -255,6 +254,8 @@ def unified_diff(old: bytes | None, new: bytes | None, old_name: str, new_name: 
             texts.append("" if data is None else data.decode("utf-8"))
         except UnicodeDecodeError:
             return f"{name} is not UTF-8 text: no text diff\n"
+    import difflib  # (with heapq, ~4 ms) for `diff` only: a scan or a round asks this module about kinds
+
     out = []
     for line in difflib.unified_diff(
         texts[0].splitlines(keepends=True),

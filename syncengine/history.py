@@ -13,12 +13,15 @@ import json
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from syncengine.blobs import BlobStore
 from syncengine.errors import FileSystemError, UsageError
 from syncengine.fsops import ChangedUnderfoot, delete_safe, fsync_dirs, write_atomic
 from syncengine.journal import Journal
 from syncengine.models import LogEntry, Op, RestoreReport, ScanProblem, SnapshotInfo
+
+if TYPE_CHECKING:  # the blob store's stack (ctypes, subprocess, protocol): not for `status`, which needs iso()
+    from syncengine.blobs import BlobStore
 
 
 def iso(ns: int | None) -> str | None:

@@ -63,12 +63,16 @@ class LocalChange:
 
 @dataclass(frozen=True, slots=True)
 class ScanProblem:
+    """A path a scan, snapshot, restore or round could not handle, and why: reported beside the result, not raised."""
+
     path: str
     reason: str
 
 
 @dataclass(frozen=True, slots=True)
 class ScanReport:
+    """What one scan found against the journal: the round's and `status`'s pending changes."""
+
     created: tuple[str, ...] = ()
     modified: tuple[str, ...] = ()
     deleted: tuple[str, ...] = ()
@@ -85,6 +89,8 @@ class ScanReport:
 
 @dataclass(frozen=True, slots=True)
 class ConflictInfo:
+    """A conflict settled or left open by a round, as `conflicts`, `status` and a sync report show it."""
+
     id: int
     path: str
     kind: str
@@ -108,6 +114,8 @@ class FieldChange:
 
 @dataclass(frozen=True, slots=True)
 class InitReport:
+    """What `init` did: a new workspace, or one already there (`created` False), and its server."""
+
     root: str
     created: bool
     server: str | None = None
@@ -146,6 +154,8 @@ class PlannedAction:
 
 @dataclass(frozen=True, slots=True)
 class SyncReport:
+    """One round's outcome for the CLI, the daemon and --json; ``exit_code`` says whether a person must act."""
+
     server: str
     workspace: str
     dry_run: bool

@@ -56,6 +56,8 @@ class ConflictKind(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Action:
+    """reconcile()'s decision for one document: what to do, the conflict kind if any, and a merge's settled parts."""
+
     do: Do
     conflict: ConflictKind | None = None
     # For MERGE: the attributes already decided by three-way merging; a None

@@ -28,7 +28,6 @@ from __future__ import annotations
 import abc
 import contextlib
 import email.utils
-import gzip
 import hashlib
 import ipaddress
 import json
@@ -125,6 +124,8 @@ class BlobSource:
 
 @dataclass(frozen=True, slots=True)
 class BlobFailure:
+    """A blob a transfer could not move, and why."""
+
     hash: str
     reason: str
 
@@ -180,6 +181,8 @@ class FetchedBlob:
 
 @dataclass(frozen=True, slots=True)
 class DownloadReport:
+    """What a download did per hash: stored, absent on the server, or failed (with why)."""
+
     done: tuple[str, ...] = ()
     missing: tuple[str, ...] = ()
     failed: tuple[BlobFailure, ...] = ()
@@ -583,6 +586,8 @@ class HttpRemote(Remote):
         if len(raw) <= p.GZIP_MIN_BYTES or not _worth_compressing(raw):
             return raw
         headers["Content-Encoding"] = "gzip"
+        import gzip  # a body worth compressing: a no-op round sends none
+
         return gzip.compress(raw, compresslevel=GZIP_LEVEL, mtime=0)
 
     def _refused(self, resp: requests.Response) -> Exception:

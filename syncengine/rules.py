@@ -19,7 +19,6 @@ sync touches anything — a typo must never quietly pick another strategy.
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,6 @@ from typing import Any
 from syncengine.conflicts import STRATEGIES
 from syncengine.errors import UsageError
 from syncengine.fieldpaths import segments
-from syncengine.merge import STRATEGIES as FIELD_STRATEGIES
 from syncengine.paths import RULES_FILE
 
 __all__ = ["KINDS", "Rule", "Rules", "load", "parse"]
@@ -95,6 +93,8 @@ def load(root: Path) -> Rules | None:
 
 def parse(text: str) -> Rules:
     """Parse the text of a ``.syncrules`` file strictly."""
+    import tomllib  # only with a file to parse: every round loads this module to look for one
+
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -162,6 +162,8 @@ def _fields(value: Any, where: str) -> dict[str, str]:
     """Field rules, with nested tables flattened: ``meta.updated_at = "newest"`` is one path."""
     if not isinstance(value, dict):
         raise _bad(f"{where}: fields must be a table of field path = strategy")
+    from syncengine.merge import STRATEGIES as FIELD_STRATEGIES  # the merge stack, only for field rules
+
     out: dict[str, str] = {}
     for pattern, strategy in _flatten(value, ""):
         if not segments(pattern):

@@ -17,7 +17,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -294,6 +293,8 @@ def remote_url(ws: Workspace) -> str:
 
 def _fetch_blobs(ws: Workspace, remote: Remote, plan: list[tuple[DocRow, Action]], progress: Progress | None) -> None:
     """Download, verify and store every remote version this pass needs, in packs."""
+    from concurrent.futures import Future, ThreadPoolExecutor  # (~1.5 ms) only a round that downloads
+
     wanted: list[str] = []
     for row, action in plan:
         digest = row.remote_hash

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class SnapshotInfo:
+    """One snapshot as `snapshots` and `status` list it."""
+
     id: int
     created_at: str  # ISO 8601 UTC
     message: str | None
@@ -28,6 +30,8 @@ class SnapshotInfo:
 
 @dataclass(frozen=True, slots=True)
 class PendingCounts:
+    """Local changes not yet synced, by kind (the headline of `status`)."""
+
     created: int = 0
     modified: int = 0
     deleted: int = 0
@@ -40,6 +44,8 @@ class PendingCounts:
 
 @dataclass(frozen=True, slots=True)
 class PendingItem:
+    """One local change not yet synced, as `status` lists it."""
+
     op: Op
     path: str
     old_path: str | None = None
@@ -47,6 +53,8 @@ class PendingItem:
 
 @dataclass(frozen=True, slots=True)
 class TaskInfo:
+    """A task and its progress (syncengine.progress), as `status` shows it."""
+
     id: int
     kind: str
     title: str
@@ -60,6 +68,8 @@ class TaskInfo:
 
 @dataclass(frozen=True, slots=True)
 class DaemonInfo:
+    """The daemon as `status` and `daemon status` show it."""
+
     running: bool
     pid: int | None = None
     paused: bool = False
@@ -76,6 +86,8 @@ class DaemonInfo:
 
 @dataclass(frozen=True, slots=True)
 class SyncInfo:
+    """The last sync and why syncing may be stalled, from the journal (the sync part of `status`)."""
+
     server: str | None
     workspace: str | None
     last_sync_at: str | None
@@ -88,6 +100,8 @@ class SyncInfo:
 
 @dataclass(frozen=True, slots=True)
 class Status:
+    """Everything `status` shows: a scan of pending changes, conflicts, snapshots, the last sync, the daemon."""
+
     root: str
     files: int
     pending: PendingCounts
@@ -103,6 +117,8 @@ class Status:
 
 @dataclass(frozen=True, slots=True)
 class LogEntry:
+    """One row of the change journal as `log` shows it."""
+
     seq: int
     at: str
     op: Op
@@ -117,6 +133,8 @@ class LogEntry:
 
 @dataclass(frozen=True, slots=True)
 class DocDiff:
+    """One document's difference as `diff` shows it: fields for structured kinds, a unified diff for text."""
+
     path: str
     status: str  # added | removed | modified | moved | unchanged
     kind: Kind
@@ -133,6 +151,8 @@ class DocDiff:
 
 @dataclass(frozen=True, slots=True)
 class RestoreReport:
+    """What a restore wrote and removed, and the safety snapshot that undoes it."""
+
     snapshot_id: int
     safety_snapshot_id: int | None
     written: tuple[str, ...] = ()
@@ -142,6 +162,8 @@ class RestoreReport:
 
 @dataclass(frozen=True, slots=True)
 class RepairReport:
+    """What `repair` did: where the damaged journal went and how many files the rebuilt one holds."""
+
     moved_aside: str | None
     files: int
     integrity: str  # ok | damaged | missing
@@ -149,6 +171,8 @@ class RepairReport:
 
 @dataclass(frozen=True, slots=True)
 class Event:
+    """One message of what the daemon and syncs publish (zones, processing, progress, log), as `events` shows it."""
+
     id: int
     at: str
     channel: str

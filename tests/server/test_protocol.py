@@ -233,3 +233,20 @@ def test_pack_headers_and_hash_lists_refuse_each_bad_entry_by_index():
     for bad in ("A" * 64, None, "a" * 65):
         with pytest.raises(p.ProtocolError, match="hashes\\[999\\]"):
             p.hash_list({"hashes": [*hashes_[:999], bad]})
+
+
+def test_the_messages_that_move_content_are_named_by_protocol_and_loaded_on_first_use():
+    """syncengine.exchange holds the listings, commits, packs and manifests; protocol names each of them (the
+    same class, by attribute or from-import) and nothing else, so a no-op client never creates them."""
+    import subprocess
+    import sys
+
+    from syncengine import exchange
+    from syncengine.protocol import CommitItem, PackHeader
+
+    assert CommitItem is exchange.CommitItem and PackHeader is p.PackHeader is exchange.PackHeader
+    assert {name for name in p._EXCHANGE} <= set(vars(exchange))
+    with pytest.raises(AttributeError, match="no attribute 'CommitThing'"):
+        p.CommitThing  # noqa: B018
+    probe = "import sys, syncengine.protocol as p; p.Change; assert 'syncengine.exchange' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", probe]).returncode == 0
