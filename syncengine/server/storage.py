@@ -39,6 +39,7 @@ from syncengine.errors import BusyError, UsageError
 from syncengine.failpoints import failpoint
 from syncengine.paths import casefold_key
 from syncengine.protocol import CommitItem, CommitResult, CurrentDoc, check_workspace, deflate
+from syncengine.server.checkpointer import Checkpointer
 from syncengine.server.db import is_postgres, make_models, migrate, op_key, open_database, translated
 
 _ZLIB_LEVEL = 1
@@ -398,11 +399,14 @@ class Storage:
         self.m = make_models(self.db)
         self.postgres = is_postgres(self.db)
         self._writers = _WriterGate()  # SQLite only: see _WriterGate
+        self._checkpointer = None if self.postgres else Checkpointer(self.db)  # WAL checkpoints off the writers' path
         migrate(self.db, self.m)
         with self._read():
             self.server_id = self.m.Meta.get(self.m.Meta.key == "server_id").value
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.close()
         self.db.close_all()
 
     # ------------------------------------------------------------ transactions
@@ -418,6 +422,8 @@ class Storage:
                 atomic = self.db.atomic(lock_type="IMMEDIATE" if write else "DEFERRED")
             with atomic:
                 yield
+        if write and self._checkpointer is not None:
+            self._checkpointer.poke()
 
     def _read(self) -> contextlib.AbstractContextManager[None]:
         """A read transaction: one snapshot for every query in it."""
@@ -777,6 +783,8 @@ class Storage:
         try:
             with translated(), self.db.connection_context(), self.db.atomic(lock_type="IMMEDIATE"):
                 self._run_queued(leader, group)
+            if self._checkpointer is not None:
+                self._checkpointer.poke()
         except BaseException as exc:
             for job in group or [leader]:
                 job.outcome, job.error = None, exc
