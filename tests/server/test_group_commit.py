@@ -208,6 +208,38 @@ def test_commits_waiting_behind_a_pack_share_its_transaction(traced):
     assert len(storage.blob_infos(ws, [h for h, *_ in pack])) == 10
 
 
+def test_a_pack_transaction_lost_with_commits_in_it_fails_them_all_and_the_retries_land(traced):
+    """A commit in a pack's transaction makes SQLite roll it all back: the pack and every commit in it fail."""
+    storage, statements = traced
+    ws = storage.ensure_workspace("w")
+    digest = _blob(storage, ws, "known")
+    with storage.db.connection_context():
+        storage.db.execute_sql("""CREATE TRIGGER doom BEFORE INSERT ON "change" WHEN NEW."doc_id" = 'doom'
+                                  BEGIN SELECT RAISE(ROLLBACK, 'the transaction is lost'); END""")
+    pack = [(hashlib.sha256(f"blob {i}".encode()).hexdigest(), len(f"blob {i}"), False, f"blob {i}".encode())
+            for i in range(10)]
+    batches = [[item("fine", "fine", None, digest)], [item("doom", "doom", None, digest)]]
+    started: list[Any] = []
+
+    def on_statement(sql: str) -> None:
+        statements.append(sql)
+        if not started and sql.lstrip().upper().startswith('INSERT INTO "BLOB_CHUNK"'):
+            started.append(_in_threads([lambda b=b: storage.commit(ws, "c1", b) for b in batches]))
+            _queued(storage, 2)
+
+    trace_sqlite(storage, on_statement)
+    with pytest.raises(StorageError):
+        storage.put_prepared_blobs(ws, pack)
+    threads, answers = started[0]
+    for t in threads:
+        t.join(30)
+    assert isinstance(answers[0], StorageError) and isinstance(answers[1], StorageError)
+    assert storage.blob_infos(ws, [h for h, *_ in pack]) == {} and _log(storage, ws) == []
+    storage.put_prepared_blobs(ws, pack)  # the client's retries
+    assert storage.commit(ws, "c1", batches[0]).applied == 1
+    assert len(storage.blob_infos(ws, [h for h, *_ in pack])) == 10 and _log(storage, ws) == [(1, "fine")]
+
+
 def test_a_commit_queued_past_the_busy_timeout_gives_up_and_changes_nothing(traced, monkeypatch):
     """Still queued (no group took it) when the busy timeout ends: BusyError (a 503), the queue left clean."""
     import syncengine.server.storage as storage_module
