@@ -74,7 +74,6 @@ def traced(tmp_path: Path) -> Iterator[tuple[Any, list[str]]]:
     from syncengine.server.storage import Storage
 
     storage = Storage(data_dir=tmp_path / "srv")
-    storage.db.close_all()  # connections opened by the migration are untraced
     statements: list[str] = []
     trace_sqlite(storage, statements.append)
     yield storage, statements
@@ -90,7 +89,7 @@ def trace_sqlite(storage: Any, callback: Callable[[str], None]) -> None:
         conn.set_trace_callback(callback)
         return conn
 
-    storage.db.close_all()
+    storage.db.close_all()  # the connections opened before (the migration's) are untraced
     storage.db._connect = traced_connect
 
 
