@@ -12,7 +12,8 @@ Two test hooks live here because tests run as root, where chmod proves
 nothing:
 
 * failpoints: ``SYNCENGINE_FAILPOINT=name[:N][,name...]`` kills the process
-  with SIGKILL the Nth time (default 1st) ``failpoint(name)`` is reached;
+  with SIGKILL the Nth time (default 1st) ``failpoint(name)`` is reached
+  (:mod:`syncengine.failpoints`, shared with the server);
 * faults: ``SYNCENGINE_FSFAULT=op:N:ERRNO`` makes the Nth operation of kind
   ``op`` (read, write, replace, delete, mkdir, list; store for the blob store; sync for a batch's
   write-back; any) fail with that errno.
@@ -26,7 +27,6 @@ import hashlib
 import os
 import secrets
 import shutil
-import signal
 import stat as stat_mod
 import threading
 from collections.abc import Iterable, Iterator
@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from syncengine.errors import DocumentError, FileSystemError, UnsafePath
+from syncengine.failpoints import _env, failpoint  # failpoint: re-exported, the client's steps import it from here
 from syncengine.paths import STATE_DIR, check_path
 
 CHUNK = 1 << 20
@@ -76,43 +77,8 @@ class FileStat:
 
 # ---------------------------------------------------------------- test hooks
 
-_hits: dict[str, int] = {}
 _fault_counts: dict[str, int] = {}
 _fault_override: list[tuple[str, int, int]] = []
-# os.environ's own table (bytes on POSIX), which putenv through os.environ, and so tests' monkeypatch,
-# keep current. os.environ.get of an absent name raises and catches a KeyError inside (~0.7 us): every
-# file operation asks for these two hooks, ~20,000 times in a 10k first sync and ~4% of init's samples.
-_RAW_ENV = getattr(os.environ, "_data", None)
-
-
-def _env(name: str) -> str | None:
-    """``os.environ.get(name)``, without the cost of a miss."""
-    if isinstance(_RAW_ENV, dict):
-        key = os.environ.encodekey(name)
-        if key not in _RAW_ENV:
-            return None
-    return os.environ.get(name)
-
-
-def failpoint(name: str) -> None:
-    """Kill this process here if the environment names this failpoint.
-
-    ``name:N`` fires on the Nth hit; ``name=raise`` raises RuntimeError
-    instead of killing (to test the crash path without losing the process).
-    """
-    spec = _env("SYNCENGINE_FAILPOINT")
-    if not spec:
-        return
-    for item in spec.split(","):
-        item, _, action = item.strip().partition("=")
-        point, _, nth = item.partition(":")
-        if point != name:
-            continue
-        _hits[name] = _hits.get(name, 0) + 1
-        if _hits[name] >= int(nth or 1):
-            if action == "raise":
-                raise RuntimeError(f"failpoint {name} reached")
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 @contextlib.contextmanager

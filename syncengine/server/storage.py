@@ -11,11 +11,18 @@ allocates seqs from ``workspace.last_seq`` and commits the change rows and
 the new ``last_seq`` together. The next committer to the workspace waits for
 that lock, so a seq becomes visible only after every smaller one has: no
 reader sees seq 11 before seq 10, across threads or processes.
+
+Group commit (SQLite): the commits waiting for the writer when it frees run
+in one transaction, each in its own SAVEPOINT, and share its COMMIT (one
+fsync instead of one each). Each still reads ``last_seq`` as the one before
+it in the group left it, so seqs stay gap-free and in order; none is
+answered before the group's COMMIT returns, and if that fails all fail.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import hmac
 import json
@@ -29,14 +36,17 @@ from pathlib import Path
 from typing import Any
 
 from syncengine.errors import BusyError, UsageError
+from syncengine.failpoints import failpoint
 from syncengine.paths import casefold_key
 from syncengine.protocol import CommitItem, CommitResult, CurrentDoc, check_workspace, deflate
+from syncengine.server.checkpointer import Checkpointer
 from syncengine.server.db import is_postgres, make_models, migrate, op_key, open_database, translated
 
 _ZLIB_LEVEL = 1
 _BUSY_TIMEOUT = 30.0  # seconds a writer waits for another, as the connections' busy_timeout
 _PATIENCE = 0.1  # seconds a blob writer lets commits go first before it takes its turn anyway
 PACK_PIECE = 250  # blobs of a pack stored per transaction: a commit waits for one piece, not the pack
+GROUP_MAX = 32  # commits at most in one group transaction (of up to 100 items each: ~0.1 s of work)
 _BLOB_HASHES = 'SELECT "hash" FROM "blob" WHERE "workspace_id" = {q} AND "hash" IN ({in_})'
 
 
@@ -78,6 +88,26 @@ class CommitOutcome:
     results: list[dict[str, Any]]
     last_seq: int
     applied: int  # new changes written by this request
+
+
+@dataclass(eq=False, slots=True)
+class _Job:
+    """One commit request on SQLite: queued at the gate, then run by whichever thread leads its group."""
+
+    ws_id: int
+    client_id: str
+    items: list[CommitItem]
+    outcome: CommitOutcome | None = None
+    error: BaseException | None = None
+    taken: bool = False  # in a group's transaction now: it waits for that group, not for the writer
+    done: bool = False  # the group ended (committed, or failed): outcome or error is final
+
+    def answer(self) -> CommitOutcome:
+        """The outcome; or its error raised again (a copy: one exception object must not unwind two threads)."""
+        if self.error is not None:
+            raise copy.copy(self.error) from self.error
+        assert self.outcome is not None
+        return self.outcome
 
 
 def compress_chunk(data: bytes) -> tuple[bool, bytes]:
@@ -255,13 +285,19 @@ class _WriterGate:
     lets the commits waiting go first, for up to ``_PATIENCE`` s. Reentrant
     per thread; a writer that waits ``_BUSY_TIMEOUT`` gives up with
     BusyError (a 503 with Retry-After), as SQLite's busy_timeout did.
+
+    Commits queue here as jobs (:meth:`join`): the first to find the writer
+    free leads a group, whose transaction takes the commits queued by then
+    (:meth:`take`); the others sleep until the group has ended. A pack's
+    transaction takes the commits queued behind it the same way.
     """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._owner: int | None = None
         self._depth = 0
-        self._urgent = 0  # commits waiting
+        self._urgent = 0  # urgent writers waiting in held()
+        self._queue: list[_Job] = []  # commits waiting for the writer, not yet taken by a group
 
     @contextlib.contextmanager
     def held(self, urgent: bool) -> Iterator[None]:
@@ -283,14 +319,68 @@ class _WriterGate:
 
     def urgent_waiting(self) -> bool:
         """Whether a commit waits for the writer now (a racy read: a hint for when to let go)."""
-        return self._urgent > 0
+        return self._urgent > 0 or bool(self._queue)
+
+    def join(self, job: _Job) -> bool:
+        """Queue a commit until the writer is free: True if this thread now holds it and leads a group.
+
+        False when another thread's group ran the commit (its outcome or
+        error is set). A leader calls :meth:`take` once its transaction has
+        begun and :meth:`finish` when the transaction has ended.
+        """
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner == me:
+                raise RuntimeError("a commit inside another write transaction of the same thread")
+            self._queue.append(job)
+            deadline = time.monotonic() + _BUSY_TIMEOUT
+            while self._owner is not None and not job.taken:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._queue.remove(job)
+                    raise BusyError("the server database is busy: a write transaction held it too long")
+                self._cond.wait(left)
+            while job.taken and not job.done:
+                self._cond.wait()  # a group has it; it answers once its COMMIT is durable (or failed)
+            if job.done:
+                return False
+            self._owner, self._depth = me, 1
+            return True
+
+    def take(self, leader: _Job | None, room: int) -> list[_Job]:
+        """Commits queued now for a group, in arrival order, at most ``room``; the leader's own always."""
+        with self._cond:
+            others = [job for job in self._queue if job is not leader][: room - (leader is not None)]
+            taken = [job for job in self._queue if job is leader or job in others]
+            self._queue = [job for job in self._queue if job not in taken]
+            for job in taken:
+                job.taken = True
+            return taken
+
+    def settle(self, group: list[_Job]) -> None:
+        """Commits another writer's transaction ran (see put_prepared_blobs) answer: it has ended."""
+        if group:
+            with self._cond:
+                for job in group:
+                    job.done = True
+                self._cond.notify_all()
+
+    def finish(self, leader: _Job, group: list[_Job]) -> None:
+        """End a group: its commits answer (each thread reads its own), the writer is free."""
+        with self._cond:
+            if leader in self._queue:  # the transaction failed before take()
+                self._queue.remove(leader)
+            for job in (leader, *group):
+                job.done = True
+            self._owner, self._depth = None, 0
+            self._cond.notify_all()
 
     def _wait(self, urgent: bool) -> None:
         now = time.monotonic()
         deadline, patience = now + _BUSY_TIMEOUT, now + _PATIENCE
         self._urgent += urgent
         try:
-            while self._owner is not None or (not urgent and self._urgent and time.monotonic() < patience):
+            while self._owner is not None or (not urgent and self.urgent_waiting() and time.monotonic() < patience):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise BusyError("the server database is busy: a write transaction held it too long")
@@ -309,11 +399,14 @@ class Storage:
         self.m = make_models(self.db)
         self.postgres = is_postgres(self.db)
         self._writers = _WriterGate()  # SQLite only: see _WriterGate
+        self._checkpointer = None if self.postgres else Checkpointer(self.db)  # WAL checkpoints off the writers' path
         migrate(self.db, self.m)
         with self._read():
             self.server_id = self.m.Meta.get(self.m.Meta.key == "server_id").value
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.close()
         self.db.close_all()
 
     # ------------------------------------------------------------ transactions
@@ -329,6 +422,8 @@ class Storage:
                 atomic = self.db.atomic(lock_type="IMMEDIATE" if write else "DEFERRED")
             with atomic:
                 yield
+        if write and self._checkpointer is not None:
+            self._checkpointer.poke()
 
     def _read(self) -> contextlib.AbstractContextManager[None]:
         """A read transaction: one snapshot for every query in it."""
@@ -592,16 +687,31 @@ class Storage:
         first sync's critical path). On PostgreSQL every piece is its own
         transaction: a blob row's foreign key share-locks the workspace row
         a commit locks FOR UPDATE.
+
+        The commits that queued behind a piece run in its transaction before
+        its COMMIT, each in a SAVEPOINT (see :meth:`_run_queued`): they would
+        have waited for that COMMIT anyway, and now share its fsync. A blob and
+        a commit naming it in one transaction become durable together.
         """
         pieces = [blobs[start : start + PACK_PIECE] for start in range(0, len(blobs), PACK_PIECE)]
         done = 0
         while done < len(pieces):
-            with self._write():
-                self._put_prepared(ws_id, pieces[done])
-                done += 1
-                while done < len(pieces) and not self.postgres and not self._writers.urgent_waiting():
+            absorbed: list[_Job] = []
+            try:
+                with self._write():
                     self._put_prepared(ws_id, pieces[done])
                     done += 1
+                    while done < len(pieces) and not self.postgres and not self._writers.urgent_waiting():
+                        self._put_prepared(ws_id, pieces[done])
+                        done += 1
+                    if not self.postgres:
+                        self._run_queued(None, absorbed)
+            except BaseException as exc:
+                for job in absorbed:
+                    job.outcome, job.error = None, exc
+                raise
+            finally:
+                self._writers.settle(absorbed)
 
     def _put_prepared(self, ws_id: int, blobs: list[tuple[str, int, bool, bytes]]) -> None:
         """One piece, inside the caller's write transaction."""
@@ -651,38 +761,96 @@ class Storage:
         item made a commit of 100 items cost ~400 ms of server CPU.
         """
         items = list(items)
+        if self.postgres:
+            # One transaction per commit: its workspace row lock (FOR UPDATE) orders it against
+            # the other server processes', which a group in this process could not join.
+            with self._write(urgent=True):
+                return self._commit_locked(ws_id, client_id, items)
+        job = _Job(ws_id, client_id, items)
+        if self._writers.join(job):
+            self._lead(job)
+        return job.answer()
+
+    def _lead(self, leader: _Job) -> None:
+        """Run the commits queued now in one transaction, each in a SAVEPOINT, with one COMMIT.
+
+        A commit that fails rolls back to its savepoint and gets its own error;
+        the others go on. If SQLite rolled the whole transaction back (a full
+        disk, an I/O error) or the COMMIT fails, every commit of the group
+        fails: none was answered, and each client retries with the same op ids.
+        """
+        group: list[_Job] = []
+        try:
+            with translated(), self.db.connection_context(), self.db.atomic(lock_type="IMMEDIATE"):
+                self._run_queued(leader, group)
+            if self._checkpointer is not None:
+                self._checkpointer.poke()
+        except BaseException as exc:
+            for job in group or [leader]:
+                job.outcome, job.error = None, exc
+        finally:
+            self._writers.finish(leader, group)
+
+    def _run_queued(self, leader: _Job | None, group: list[_Job]) -> None:
+        """Inside a write transaction: the leader's commit and those queued, each in a SAVEPOINT.
+
+        Commits that queue while these run would wait for this COMMIT and then
+        pay their own, so they join too, up to GROUP_MAX. ``group`` (the
+        caller's) lists every commit taken, even when this raises: each must
+        get an answer.
+        """
+        taken = self._writers.take(leader, GROUP_MAX)
+        while taken:
+            group += taken
+            for job in taken:
+                self._run_in_savepoint(job)
+            taken = self._writers.take(None, GROUP_MAX - len(group))
+        if group:
+            failpoint("server.group.before_commit")
+
+    def _run_in_savepoint(self, job: _Job) -> None:
+        """One commit of a group: its outcome, or its error with its writes rolled back."""
+        try:
+            with translated(), self.db.atomic():  # a SAVEPOINT inside the group's transaction
+                job.outcome = self._commit_locked(job.ws_id, job.client_id, job.items)
+        except Exception as exc:
+            job.error = exc
+            if not self.db.connection().in_transaction:
+                raise  # SQLite ended the group's transaction (a full disk, an I/O error): nothing of it stays
+
+    def _commit_locked(self, ws_id: int, client_id: str, items: list[CommitItem]) -> CommitOutcome:
+        """One commit, inside a write transaction that holds the workspace's lock."""
         results: list[dict[str, Any]] = []
-        with self._write(urgent=True):
-            lock = " FOR UPDATE" if self.postgres else ""  # SQLite: BEGIN IMMEDIATE took it
-            sql = f'SELECT "last_seq" FROM "workspace" WHERE "id" = {self.db.param}{lock}'
-            start = last_seq = _one(self.db, sql, (ws_id,))[0]
-            state = _CommitState(self, ws_id, items)
-            for item in items:
-                prior = state.ops.get(item.op_id)
-                if prior is not None:
-                    results.append(json.loads(prior))
-                    continue
-                result = self._apply(state, client_id, item, last_seq + 1)
-                if type(result) is int:
-                    # ok at that rev (and seq), written by hand: json.dumps of this dict,
-                    # byte for byte, cost more than the rest of an item's bookkeeping.
-                    if result == last_seq + 1:
-                        last_seq += 1
-                    answer = {"status": "ok", "doc_id": item.doc_id, "rev": result, "seq": result}
-                    encoded = (
-                        f'{{"status": "ok", "doc_id": {_json_str(item.doc_id)}, "rev": {result}, "seq": {result}}}'
-                    )
-                    # Only applied ops are remembered: a refused op changed nothing,
-                    # and pinning its refusal would keep answering a stale conflict.
-                    state.ops[item.op_id] = encoded
-                    state.op_rows.append((ws_id, item.op_id, state.op_keys[item.op_id], encoded, state.now))
-                else:
-                    answer = result.to_dict()
-                results.append(answer)
-            state.write()
-            if last_seq != start:
-                sql = f'UPDATE "workspace" SET "last_seq" = {self.db.param} WHERE "id" = {self.db.param}'
-                _one(self.db, sql, (last_seq, ws_id))
+        lock = " FOR UPDATE" if self.postgres else ""  # SQLite: BEGIN IMMEDIATE took it
+        sql = f'SELECT "last_seq" FROM "workspace" WHERE "id" = {self.db.param}{lock}'
+        start = last_seq = _one(self.db, sql, (ws_id,))[0]
+        state = _CommitState(self, ws_id, items)
+        for item in items:
+            prior = state.ops.get(item.op_id)
+            if prior is not None:
+                results.append(json.loads(prior))
+                continue
+            result = self._apply(state, client_id, item, last_seq + 1)
+            if type(result) is int:
+                # ok at that rev (and seq), written by hand: json.dumps of this dict,
+                # byte for byte, cost more than the rest of an item's bookkeeping.
+                if result == last_seq + 1:
+                    last_seq += 1
+                answer = {"status": "ok", "doc_id": item.doc_id, "rev": result, "seq": result}
+                encoded = (
+                    f'{{"status": "ok", "doc_id": {_json_str(item.doc_id)}, "rev": {result}, "seq": {result}}}'
+                )
+                # Only applied ops are remembered: a refused op changed nothing,
+                # and pinning its refusal would keep answering a stale conflict.
+                state.ops[item.op_id] = encoded
+                state.op_rows.append((ws_id, item.op_id, state.op_keys[item.op_id], encoded, state.now))
+            else:
+                answer = result.to_dict()
+            results.append(answer)
+        state.write()
+        if last_seq != start:
+            sql = f'UPDATE "workspace" SET "last_seq" = {self.db.param} WHERE "id" = {self.db.param}'
+            _one(self.db, sql, (last_seq, ws_id))
         return CommitOutcome(results, last_seq, last_seq - start)
 
     def _current(self, doc: Any) -> CurrentDoc:

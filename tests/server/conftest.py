@@ -13,6 +13,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -65,6 +66,36 @@ class Api:
 
     def close(self) -> None:
         self.session.close()
+
+
+@pytest.fixture
+def traced(tmp_path: Path) -> Iterator[tuple[Any, list[str]]]:
+    """A SQLite Storage whose connections report every statement they run into a list."""
+    from syncengine.server.storage import Storage
+
+    storage = Storage(data_dir=tmp_path / "srv")
+    statements: list[str] = []
+    trace_sqlite(storage, statements.append)
+    yield storage, statements
+    storage.close()
+
+
+def trace_sqlite(storage: Any, callback: Callable[[str], None]) -> None:
+    """Have the storage's SQLite connections opened from now on call ``callback`` with each statement."""
+    connect = storage.db._connect
+
+    def traced_connect(*args: Any, **kwargs: Any) -> Any:
+        conn = connect(*args, **kwargs)
+        conn.set_trace_callback(callback)
+        return conn
+
+    storage.db.close_all()  # the connections opened before (the migration's) are untraced
+    storage.db._connect = traced_connect
+
+
+def transactions(statements: list[str]) -> list[str]:
+    """BEGIN and COMMIT statements, first word upper-cased (each COMMIT is one fsync of the WAL)."""
+    return [s.split()[0].upper() for s in statements if s.lstrip().upper().startswith(("BEGIN", "COMMIT"))]
 
 
 @pytest.fixture

@@ -10,31 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 
 from syncengine import protocol as p
 from syncengine.server.storage import PACK_PIECE, Storage, compress_chunk
-
-
-@pytest.fixture
-def traced(tmp_path: Path) -> Iterator[tuple[Storage, list[str]]]:
-    """A SQLite storage whose connections report every statement they run into a list."""
-    storage = Storage(data_dir=tmp_path / "srv")
-    storage.db.close_all()  # connections opened by the migration are untraced
-    statements: list[str] = []
-    connect = storage.db._connect
-
-    def traced_connect(*args, **kwargs):
-        conn = connect(*args, **kwargs)
-        conn.set_trace_callback(statements.append)
-        return conn
-
-    storage.db._connect = traced_connect
-    yield storage, statements
-    storage.close()
+from tests.server.conftest import transactions
 
 
 def _selects(statements: list[str]) -> list[str]:
@@ -128,10 +107,6 @@ def test_an_applied_op_is_stored_as_the_json_of_its_answer_and_replayed_as_it(tr
     assert again.results == first.results and again.applied == 0
 
 
-def _transactions(statements: list[str]) -> list[str]:
-    return [s for s in statements if s.lstrip().upper().startswith(("BEGIN", "COMMIT"))]
-
-
 def test_a_pack_nobody_waits_behind_is_one_transaction_and_a_waiting_commit_splits_it(traced, monkeypatch):
     """Each transaction is an fsync (~3 ms): pieces share one until a commit waits at the writers' gate."""
     import syncengine.server.storage as storage_module
@@ -141,14 +116,14 @@ def test_a_pack_nobody_waits_behind_is_one_transaction_and_a_waiting_commit_spli
     blobs = _blobs(4 * PACK_PIECE)
     statements.clear()
     _store(storage, ws, blobs[: 2 * PACK_PIECE])
-    assert [s.split()[0].upper() for s in _transactions(statements)] == ["BEGIN", "COMMIT"]
+    assert transactions(statements) == ["BEGIN", "COMMIT"]
     # A commit waiting (as the gate counts it): the pack lets go after each piece.
     monkeypatch.setattr(storage_module, "_PATIENCE", 0.0)
     storage._writers._urgent = 1
     statements.clear()
     _store(storage, ws, blobs[2 * PACK_PIECE :])
     storage._writers._urgent = 0
-    assert [s.split()[0].upper() for s in _transactions(statements)] == ["BEGIN", "COMMIT"] * 2
+    assert transactions(statements) == ["BEGIN", "COMMIT"] * 2
     infos = storage.blob_infos(ws, [h for h, _ in blobs])
     data = storage.small_blob_data(list(infos.values()))
     assert {h: data[i.pk] for h, i in infos.items()} == dict(blobs)
