@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 
 import syncengine.server.checkpointer as checkpointer_module
+import syncengine.server.db as db_module
 from syncengine.server.db import WAL_AUTOCHECKPOINT
 from syncengine.server.storage import Storage, compress_chunk
 from syncengine.testing import wait_until
@@ -51,3 +52,22 @@ def test_no_checkpoint_while_writes_keep_coming_and_closing_keeps_the_wal(tmp_pa
         assert [c["seq"] for c in again.changes(ws, 0, 100)["changes"]] == list(range(1, 61))
     finally:
         again.close()
+
+
+def test_a_checkpointed_wal_is_cut_back_to_the_size_limit_when_it_is_next_reused(tmp_path, monkeypatch):
+    """The WAL keeps its peak size on disk after a checkpoint unless journal_size_limit cuts it at its reset."""
+    limit = 256 << 10
+    monkeypatch.setattr(db_module, "JOURNAL_SIZE_LIMIT", limit)
+    monkeypatch.setattr(checkpointer_module, "QUIET", 0.0)
+    storage = Storage(data_dir=tmp_path)
+    try:
+        ws = _commits(storage, 40)
+        wal = tmp_path / (db_module.DB_FILE + "-wal")
+        peak = wal.stat().st_size
+        assert peak > limit
+        ckpt = storage._checkpointer
+        wait_until(lambda: ckpt.idle() and ckpt.runs, message="the checkpointer to run")
+        storage.commit(ws, "c1", [item("after", "after.txt", None, hashlib.sha256(b"content").hexdigest())])
+        assert wal.stat().st_size <= limit < peak
+    finally:
+        storage.close()
