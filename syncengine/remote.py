@@ -935,10 +935,12 @@ def _deflated(blobs: list[tuple[str, bytes, bytes | None]]) -> tuple[list[list[A
     deflated again one by one on the server. Blobs that do not compress
     (sampled over the pack, as for gzip) are not tried one by one. A blob
     given with its zlib stream (a push's base, which the blob store
-    deflates too) is not deflated again. The entries are the header's
+    deflates too) is not deflated again, and a pack of only such blobs is
+    not sampled either. The entries are the header's
     ``[hash, size(, deflated)]`` lists (:func:`protocol.encode_pack_header`).
     """
-    if not _pack_worth_compressing([data for _, data, _deflated in blobs]):
+    given = all(deflated is not None for _, _data, deflated in blobs)  # a push's bases: nothing to try here
+    if not given and not _pack_worth_compressing([data for _, data, _deflated in blobs]):
         return [[digest, len(data)] for digest, data, _deflated in blobs], [data for _, data, _deflated in blobs]
     entries: list[list[Any]] = []
     parts: list[bytes] = []
