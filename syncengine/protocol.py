@@ -432,7 +432,7 @@ def pack_groups(
 # `from syncengine.protocol import CommitItem` still work, loading it then.
 _EXCHANGE = frozenset({"DocEntry", "DocsPage", "CommitItem", "CommitRequest", "CurrentDoc", "CommitStatus",
                        "CommitResult", "CommitResponse", "HashesRequest", "MissingResponse", "PackResponse", "Manifest",
-                       "PackEntry", "PackHeader"})
+                       "PackEntry", "PackHeader", "encode_pack_header"})
 
 
 def __getattr__(name: str) -> Any:

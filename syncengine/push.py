@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +49,7 @@ AHEAD = 2  # waves whose blobs may be on their way ahead of the commits
 BLOB_THREADS = 2  # of those, sent at once
 COMMITS_IN_FLIGHT = 2  # commits sent at once, each on its own connection (see _touches)
 RECORD_EVERY = 500  # answered changes journaled in one transaction
+_MERGEABLE = frozenset(kind.value for kind in Kind if kind.mergeable)  # a set look-up, not an enum call per document
 
 
 @dataclass
@@ -69,26 +69,8 @@ def commit_item(row: DocRow, client_id: str) -> p.CommitItem:
     return p.CommitItem.make(client_id, row.doc_id, row.path, base_rev, row.hash, bool((row.mode or 0) & 0o100))
 
 
-def _blob_source(root: Path, row: DocRow, blobs: BlobStore,
-                 keep: list[tuple[bytes, bytes]] | None = None) -> BlobSource:
-    """The bytes to upload, checked against the journal's hash (and kept as the next base).
-
-    With ``keep``, a small mergeable document's bytes and stored form are
-    appended to it for the caller to store (see :func:`_keep_bases`)
-    instead of stored here; a form the store deflates goes in the upload
-    pack as it is, so no document is deflated twice.
-    """
-    if (row.size or 0) <= SMALL:
-        # A plain string: pathlib's join costs more than the read here.
-        data = read_hashed(os.path.join(root, row.path), row.size, row.hash)
-        if Kind(row.kind).mergeable:
-            if keep is None:
-                blobs.put_bytes(data)
-            else:
-                stored = encode(data)
-                keep.append((data, stored))
-                return BlobSource(row.hash, len(data), data=data, deflated=deflated_part(stored))
-        return BlobSource(row.hash, len(data), data=data)
+def _large_source(root: Path, row: DocRow, blobs: BlobStore) -> BlobSource:
+    """A file over :data:`SMALL`: stored in chunks as it is hashed, and streamed from the file."""
     path = root / row.path
     digest, st = blobs.put_file(path)
     if digest != row.hash:
@@ -358,17 +340,29 @@ def _send_wave(root: Path, blobs: BlobStore, remote: Remote, rows: list[DocRow],
     """
     sent = _Sent()
     sources: dict[str, BlobSource] = {}
+    # A small mergeable document's bytes and stored form, stored as the next base (see
+    # _keep_bases); a form the store deflates goes in the upload pack as it is, so no
+    # document is deflated twice.
     keep: dict[str, tuple[bytes, bytes]] = {}
     ready: list[DocRow] = []
+    # A plain string: pathlib's join costs more than the read here (this loop runs once per document).
+    prefix = f"{root}/"
     for row in rows:
         if stop.is_set():
             return _Sent()
         try:
-            if row.path is not None and row.hash not in sources:
-                kept: list[tuple[bytes, bytes]] = []
-                sources[row.hash] = _blob_source(root, row, blobs, kept)
-                if kept:
-                    keep[row.hash] = kept[0]
+            digest = row.hash
+            if row.path is not None and digest not in sources:
+                if (row.size or 0) > SMALL:
+                    sources[digest] = _large_source(root, row, blobs)
+                else:
+                    data = read_hashed(prefix + row.path, row.size, digest)
+                    if row.kind in _MERGEABLE:
+                        stored = encode(data, deflate_small=True)  # deflated for the pack anyway
+                        keep[digest] = (data, stored)
+                        sources[digest] = BlobSource(digest, len(data), data, None, deflated_part(stored))
+                    else:
+                        sources[digest] = BlobSource(digest, len(data), data)
             ready.append(row)
         except (ChangedUnderfoot, FileSystemError, OSError) as exc:
             sent.problems.append(ScanProblem(row.path or "?", getattr(exc, "message", str(exc))))
@@ -410,10 +404,10 @@ def _record(root: Path, journal: Journal, rows: list[DocRow], items: list[p.Comm
     for row, item, answer in zip(rows, items, answers, strict=True):
         if answer.status == "ok":
             mode = remote_mode(item.executable) if item.hash else None
-            state = {"path": item.path, "rev": answer.rev, "hash": item.hash, "mode": mode}
+            path, rev, digest = item.path, answer.rev, item.hash
             updates.append((row.doc_id, {
-                "base_path": state["path"], "base_rev": state["rev"], "base_hash": state["hash"], "base_mode": mode,
-                "remote_path": state["path"], "remote_rev": state["rev"], "remote_hash": state["hash"],
+                "base_path": path, "base_rev": rev, "base_hash": digest, "base_mode": mode,
+                "remote_path": path, "remote_rev": rev, "remote_hash": digest,
                 "remote_mode": mode, "remote_seq": answer.seq, "remote_at": now, "error": None}))
             result.committed.append(item.path)
             continue

@@ -757,7 +757,8 @@ class HttpRemote(Remote):
     def _send_pack(self, blobs: list[tuple[str, bytes, bytes | None]]) -> list[str]:
         entries, parts = _deflated(blobs)
         headers = {"Content-Type": p.PACK_MEDIA_TYPE}
-        payload = p.PackHeader(entries).encode() + b"".join(parts)
+        parts.insert(0, p.encode_pack_header(entries))
+        payload = b"".join(parts)
 
         def handle(resp: requests.Response) -> list[str]:
             answer = _parsed(p.PackResponse.from_dict, self._json(resp))
@@ -926,32 +927,61 @@ def _read_capped(resp: requests.Response, cap: int) -> bytes:
     return bytes(buf)
 
 
-def _deflated(blobs: list[tuple[str, bytes, bytes | None]]) -> tuple[tuple[p.PackEntry, ...], list[bytes]]:
-    """A pack's entries and bytes: each blob deflated on its own where that saves 5%, else as it is.
+def _deflated(blobs: list[tuple[str, bytes, bytes | None]]) -> tuple[list[list[Any]], list[bytes]]:
+    """A pack's header entries and bytes: each blob deflated on its own where that saves 5%, else as it is.
 
     The server keeps the deflated bytes as they come, so a blob is
     compressed once, here, rather than gzipped whole for the trip and
     deflated again one by one on the server. Blobs that do not compress
     (sampled over the pack, as for gzip) are not tried one by one. A blob
     given with its zlib stream (a push's base, which the blob store
-    deflates too) is not deflated again.
+    deflates too) is not deflated again, and a pack of only such blobs is
+    not sampled either. The entries are the header's
+    ``[hash, size(, deflated)]`` lists (:func:`protocol.encode_pack_header`).
     """
-    if not _worth_compressing(b"".join(data for _, data, _deflated in blobs)):
-        return (tuple(p.PackEntry(digest, len(data)) for digest, data, _deflated in blobs),
-                [data for _, data, _deflated in blobs])
-    entries: list[p.PackEntry] = []
+    given = all(deflated is not None for _, _data, deflated in blobs)  # a push's bases: nothing to try here
+    if not given and not _pack_worth_compressing([data for _, data, _deflated in blobs]):
+        return [[digest, len(data)] for digest, data, _deflated in blobs], [data for _, data, _deflated in blobs]
+    entries: list[list[Any]] = []
     parts: list[bytes] = []
-    for digest, data, deflated in blobs:
-        packed = deflated
+    deflate = p.deflate
+    for digest, data, packed in blobs:
+        size = len(data)
         if packed is None:
-            packed = p.deflate(data, GZIP_LEVEL) if len(data) > 64 else data
-        if len(packed) < len(data) * 0.95:
-            entries.append(p.PackEntry(digest, len(data), len(packed)))
+            packed = deflate(data, GZIP_LEVEL) if size > 64 else data
+        if len(packed) < size * 0.95:
+            entries.append([digest, size, len(packed)])
             parts.append(packed)
         else:
-            entries.append(p.PackEntry(digest, len(data)))
+            entries.append([digest, size])
             parts.append(data)
-    return tuple(entries), parts
+    return entries, parts
+
+
+def _pack_worth_compressing(parts: list[bytes]) -> bool:
+    """:func:`_worth_compressing` of these parts joined, without joining them.
+
+    A 1,000-blob pack was copied whole just to read 128 KiB of it; the
+    samples here are whole parts from the middle on and at the end.
+    """
+    if sum(map(len, parts)) <= 4 * _SAMPLE:
+        return True
+    middle: list[bytes] = []
+    taken = 0
+    for part in parts[len(parts) // 2:]:
+        middle.append(part)
+        taken += len(part)
+        if taken >= _SAMPLE:
+            break
+    end: list[bytes] = []
+    taken = 0
+    for part in reversed(parts):
+        end.append(part)
+        taken += len(part)
+        if taken >= _SAMPLE:
+            break
+    end.reverse()
+    return _compresses(b"".join(middle)[:_SAMPLE] + b"".join(end)[-_SAMPLE:])
 
 
 def _worth_compressing(raw: bytes) -> bool:
@@ -964,7 +994,10 @@ def _worth_compressing(raw: bytes) -> bool:
     if len(raw) <= 4 * _SAMPLE:
         return True
     middle = len(raw) // 2
-    sample = raw[middle:middle + _SAMPLE] + raw[-_SAMPLE:]
+    return _compresses(raw[middle:middle + _SAMPLE] + raw[-_SAMPLE:])
+
+
+def _compresses(sample: bytes) -> bool:
     return len(p.deflate(sample, GZIP_LEVEL)) < len(sample) * 0.9
 
 

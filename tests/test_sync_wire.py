@@ -235,3 +235,20 @@ def test_a_blob_is_deflated_with_a_window_no_larger_than_it_and_any_inflater_rea
     assert zlib.decompress(packed) == data
     inflater = zlib.decompressobj()
     assert inflater.decompress(packed) == data and inflater.eof
+
+
+def test_a_pack_is_judged_compressible_on_samples_without_being_joined():
+    """An upload pack's 'worth deflating?' reads samples of its middle and end, as for a body, not a joined copy."""
+    import hashlib
+
+    from syncengine import remote
+
+    text = [json.dumps({"zone": i, "text": "total net price " * 100}).encode() for i in range(200)]
+    noise = [os.urandom(1600) for _ in range(200)]
+    for parts, worth in ((text, True), (noise, False), (text[:100] + noise[:100], False),
+                         (noise[:100] + text[:100], True), (noise[:10], True)):  # a small pack is tried whole
+        assert remote._pack_worth_compressing(parts) is worth
+        assert remote._worth_compressing(b"".join(parts)) is worth
+    digests = [hashlib.sha256(data).hexdigest() for data in noise]
+    entries, parts = remote._deflated([(digest, data, None) for digest, data in zip(digests, noise, strict=True)])
+    assert entries == [[digest, len(data)] for digest, data in zip(digests, noise, strict=True)] and parts == noise

@@ -215,6 +215,30 @@ def test_commit_items_refuse_what_the_strict_checks_refuse():
             p.CommitItem.from_dict({k: v for k, v in good.items() if k != key})
 
 
+def test_commit_answers_refuse_what_the_strict_checks_refuse():
+    """The quick path of CommitResult.from_dict (an ``ok`` answer) accepts nothing the field checks would refuse."""
+    good = {"status": "ok", "doc_id": "doc1", "rev": 3, "seq": 7}
+    assert p.CommitResult.from_dict(good) == p.CommitResult("ok", "doc1", rev=3, seq=7)
+    assert p.CommitResult.from_dict(good).to_dict() == good
+    for change in ({"rev": True}, {"rev": 0}, {"rev": 1 << 63}, {"rev": 1.0}, {"rev": None}, {"seq": False},
+                   {"seq": 0}, {"seq": "7"}, {"doc_id": "-x"}, {"doc_id": "x" * 129}, {"doc_id": 1}):
+        with pytest.raises(p.ProtocolError, match=next(iter(change))):
+            p.CommitResult.from_dict({**good, **change})
+    for key in good:
+        with pytest.raises(p.ProtocolError, match=f"missing field '{key}'|unknown commit status"):
+            p.CommitResult.from_dict({k: v for k, v in good.items() if k != key})
+    with pytest.raises(p.ProtocolError, match="results for"):
+        p.CommitResponse.from_dict({"results": [good]}, expected=2)
+
+
+def test_an_upload_header_is_the_pack_header_byte_for_byte():
+    """encode_pack_header, which an upload writes from plain lists, is what PackHeader.encode writes."""
+    entries = [p.PackEntry("a" * 64, 10), p.PackEntry("b" * 64, 300, 120)]
+    header = p.PackHeader(tuple(entries))
+    assert p.encode_pack_header([["a" * 64, 10], ["b" * 64, 300, 120]]) == header.encode()
+    assert p.PackHeader.decode(header.encode()) == header
+
+
 def test_pack_headers_and_hash_lists_refuse_each_bad_entry_by_index():
     """A bad hash or size deep in a long list is refused, naming where it is."""
     entries = [[f"{i:064x}", 10, 5] for i in range(999)]
