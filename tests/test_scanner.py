@@ -618,3 +618,17 @@ def test_a_stamp_changed_elsewhere_between_read_and_write_is_not_carried(ws: Wor
         assert ws.journal.local_stamps() == rows
     copy, rows, token = _copy_and_rows(ws)
     assert copy == (token, rows)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any folder")
+def test_a_folder_that_cannot_be_opened_is_reported_and_its_files_kept(ws: Workspace):
+    """The walk lists each folder through a descriptor: one it may not open is reported, as a listing
+    failure was, and the files the journal knows inside it are not taken for deletions."""
+    ws.scan()
+    os.chmod(ws.root / "notes", 0)
+    try:
+        report = ws.scan()
+    finally:
+        os.chmod(ws.root / "notes", 0o755)
+    assert [(p.path, p.reason) for p in report.problems] == [("notes", "cannot list folder: Permission denied")]
+    assert not report.deleted and "notes/b.md" in ws.journal.local_index()
