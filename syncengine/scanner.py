@@ -512,9 +512,12 @@ def scan(
     """
     started_ns = time.time_ns()
     ignore.refresh()
-    changes, restamps, report = detect(root, journal, ignore, progress=progress)
-    if changes or restamps:
-        with journal.writing():
-            journal.record_local(changes, restamps)
-            journal.update_state(last_scan_ns=started_ns)
+    try:
+        changes, restamps, report = detect(root, journal, ignore, progress=progress)
+        if changes or restamps:
+            with journal.writing():
+                journal.record_local(changes, restamps)  # carries the stamps copy across (Journal.record_local)
+                journal.update_state(last_scan_ns=started_ns)
+    finally:
+        journal.drop_stamps()
     return report

@@ -314,12 +314,11 @@ class Journal:
                             and not journal._stamps_moved_since(carry[1]):
                         # Committed, and every stamp this transaction changed was record_local's.
                         journal._save_stamps(drawn, carry[0])
-                        journal._stamps_held = (drawn, carry[0])
                     return result
                 finally:
                     journal._depth -= 1
-                    if outermost:
-                        journal._carry = None
+                    if outermost and journal._carry is not None:  # consumed (saved or not)
+                        journal._carry = journal._stamps_held = None
                     journal._write_lock.release()
 
         return _Tx()
@@ -501,6 +500,11 @@ class Journal:
             self._save_stamps(token, stamps)
         self._stamps_held = (token, stamps)  # None: a new journal no write has drawn a token for yet
         return stamps
+
+    def drop_stamps(self) -> None:
+        """Forget the stamps local_stamps last returned (kept for record_local's carry): a daemon
+        between two scans of 50,000 files would otherwise hold them (~15 MB)."""
+        self._stamps_held = None
 
     def _save_stamps(self, token: str, stamps: dict) -> None:
         """Write the copy of ``stamps`` (valid while ``token`` is current); a cache, so never durable nor fatal."""
