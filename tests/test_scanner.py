@@ -632,3 +632,28 @@ def test_a_folder_that_cannot_be_opened_is_reported_and_its_files_kept(ws: Works
         os.chmod(ws.root / "notes", 0o755)
     assert [(p.path, p.reason) for p in report.problems] == [("notes", "cannot list folder: Permission denied")]
     assert not report.deleted and "notes/b.md" in ws.journal.local_index()
+
+
+def test_a_kill_between_the_commit_and_the_carried_copy_leaves_a_stale_copy_never_a_wrong_one(ws: Workspace,
+                                                                                                monkeypatch):
+    """The carried copy is written after the scan's transaction commits: killed in between, the journal holds
+    the scan and the copy the token before it, so the next read takes the rows (and the edit is not hashed
+    again, nor lost)."""
+    ws.scan()
+    (ws.root / "a.json").write_text('{"x": 4}\n')
+    backdate(ws.root)
+
+    def killed(*_args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ws.journal, "_save_stamps", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ws.scan()
+    monkeypatch.undo()
+    copy, rows, token = _copy_and_rows(ws)
+    assert copy is not None and copy[0] != token and copy[1] != rows
+    assert [e.op.value for e in ws.log("a.json", limit=1)] == ["modified"]
+    report = ws.scan()
+    assert report.hashed == 0 and not report.changed
+    copy, rows, token = _copy_and_rows(ws)
+    assert copy == (token, rows)

@@ -155,8 +155,9 @@ def _migration_2(db: pw.Database) -> None:
 
 
 def _migration_3(db: pw.Database) -> None:
-    """sync_state.stamps_token: a random value, drawn again by every write transaction that changes a row.
+    """sync_state.stamps_token: a random value, drawn again by every write transaction that changes a stamp.
 
+    (Every one that changed a row, at first; see _STAMP_TRIGGERS.)
     Journal.writing draws it before the transaction commits, and this
     package is the journal's only writer, so equal tokens mean equal
     stamps: the scanner's copy of them (Journal.local_stamps,
@@ -238,12 +239,13 @@ class Journal:
         # Write transactions that changed a row, in this process: a sync round
         # compares it before and after to know it wrote nothing.
         self.writes = 0
-        # The stamps copy carried across a write (see _carry_stamps): the stamps the last
-        # local_stamps returned, with their token; the outermost transaction's depth and
-        # stamp count at its start; the stamps it leaves if record_local could say.
-        self._stamps_held: tuple[str | None, dict] | None = None
         self._state_sql: str | None = None
         self._moved = [0]  # rows whose stamps changed, on any of its connections (see _watch_stamps)
+        # Carrying the stamps copy across a write (record_local, _carry_from): the stamps the
+        # last local_stamps returned, with their token; how deep in nested writing() we are and
+        # where the stamps stood when the outermost began; the stamps record_local left, with
+        # where they stood then, saved when the outermost commits if nothing moved since.
+        self._stamps_held: tuple[str | None, dict] | None = None
         self._depth = 0
         self._tx_mark: tuple[int, int] | None = None
         self._carry: tuple[dict, tuple[int, int] | None] | None = None
@@ -486,7 +488,9 @@ class Journal:
         Read in a transaction (see :meth:`reading`). The stamps come from
         ``journal.db-stamps``, a copy tagged with the ``stamps_token`` it was
         read with (migration 3), while that token is current: loading it
-        costs a third of reading 50,000 rows. A copy that is missing, stale
+        costs a third of reading 50,000 rows. A push's or a pull's writes
+        keep the token (they change no stamp), and a scan's own write
+        carries the copy across (record_local). A copy that is missing, stale
         or unreadable is replaced from the rows; it is not made durable (a
         torn one fails to load and is read again).
         """
