@@ -74,15 +74,19 @@ def pull(journal: Journal, remote: Remote, *, page_size: int = p.DEFAULT_PAGE) -
     """Read what changed on the server since our checkpoint; nothing is written."""
     state = journal.state()
     since = state["last_seq"] or 0
-    page = remote.changes(since, page_size)
     known_server = state["server_id"]
-    if known_server is None or page.server_id != known_server or since > page.last_seq \
-            or since < page.min_seq - 1:
+    if known_server is None:
+        # Never pulled from any server: the listing is the answer, and its first page
+        # says which server this is. Asking the feed first only to learn that was one
+        # round trip more at the start of every first sync.
+        return _from_listing(journal, remote, page_size, new_server=False)
+    page = remote.changes(since, page_size)
+    if page.server_id != known_server or since > page.last_seq or since < page.min_seq - 1:
         # Another server, or this one restored from a backup (our checkpoint
         # is from its future, so the revs we hold may be reused for other
         # content): our bases mean nothing there. Below min_seq the revs still
         # hold; only the feed we missed is gone.
-        restored = known_server is not None and (page.server_id != known_server or since > page.last_seq)
+        restored = page.server_id != known_server or since > page.last_seq
         return _from_listing(journal, remote, page_size, new_server=restored)
     latest: dict[str, p.Change] = {}
     result = PullResult()

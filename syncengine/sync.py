@@ -72,8 +72,14 @@ def check_guard(journal: Journal, plan: list[tuple[DocRow, Action]], *, pct: flo
     whatever the numbers: that is what an emptied or unmounted root looks
     like, never what a person meant without saying --force.
     """
-    push_deletes = sum(1 for row, a in plan if a.do is Do.PUSH and row.path is None and row.base_hash)
-    pull_deletes = sum(1 for row, a in plan if a.do is Do.PULL and row.remote_hash is None and row.path)
+    push_deletes = pull_deletes = 0
+    for row, a in plan:
+        if a is FIRST_PUSH:  # a file only here (all of a first sync's 10,000): never a deletion
+            continue
+        if a.do is Do.PUSH:
+            push_deletes += row.path is None and bool(row.base_hash)
+        elif a.do is Do.PULL:
+            pull_deletes += row.remote_hash is None and bool(row.path)
     present = journal.count_present()
     total = max(present + push_deletes, 1)
     if push_deletes and not present:

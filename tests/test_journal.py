@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -237,8 +238,8 @@ def test_the_journal_is_read_through_a_memory_map(tmp_path: Path):
 
 def test_the_stamps_copy_is_used_while_no_stamp_changed_and_never_after(tmp_path: Path):
     """local_stamps reads the rows once, then its copy (journal.db-stamps) while the token every write transaction
-    draws (migration 3) is unchanged: after a write, here or through another process's connection, it reads the
-    rows again; a torn copy is never believed."""
+    that changes a stamp draws (migration 3) is unchanged: after such a write, here or through another process's
+    connection, it reads the rows again; a torn copy is never believed."""
     from syncengine.journal import Journal
     from syncengine.models import LocalChange, Op
 
@@ -261,9 +262,8 @@ def test_the_stamps_copy_is_used_while_no_stamp_changed_and_never_after(tmp_path
         assert stamps() == rows and journal.stamps_copy.exists()
         assert stamps() == {"(from the copy)": rows}
         st = type("St", (), {"size": 4, "mtime_ns": 2, "ctime_ns": 2, "inode": 7, "mode": 0o644})
-        journal.record_local([], [("d1.md", st)])  # a restamp
+        journal.record_local([], [("d1.md", st)])  # a restamp, from the stamps just read: the copy is carried
         rows["d1.md"] = (4, 2, 2, 7, 0o644)
-        assert stamps() == rows
         assert stamps() == {"(from the copy)": rows}
         other = Journal.open(path)  # another process's connection
         try:
@@ -279,8 +279,63 @@ def test_the_stamps_copy_is_used_while_no_stamp_changed_and_never_after(tmp_path
         journal.stamps_copy.write_bytes(data[:len(data) // 2] + bytes(len(data) - len(data) // 2))  # torn
         assert stamps() == rows
         assert stamps() == {"(from the copy)": rows}
-        journal.update_state(guard="any write")  # any write transaction draws a new token
-        assert stamps() == rows
+        journal.update_state(guard="a write of no stamp")  # keeps the token: the copy stays valid
+        assert stamps() == {"(from the copy)": rows}
+    finally:
+        journal.close()
+
+
+def test_only_a_write_that_changes_a_stamp_draws_a_new_token(tmp_path: Path):
+    """The copy of the stamps outlives a push's or a pull's writes (base and remote columns, a document
+    known only to the server, sync_state), on any connection; a change of any stamp column, a document
+    coming or going with a path, or a renamed path draws a new token, as does any write on a connection
+    whose watch is gone (fail safe)."""
+    from syncengine.journal import Journal
+    from syncengine.models import LocalChange, Op
+
+    path = tmp_path / "journal.db"
+    journal = Journal.open(path)
+    stamp = {"size": 3, "mtime_ns": 1, "ctime_ns": 1, "inode": 7, "mode": 0o644}
+    journal.record_local([LocalChange(Op.CREATED, f"d{i}.md", hash=f"{i:064x}", kind="text", **stamp)
+                          for i in range(3)])
+    ids = {row.path: row.doc_id for row in journal.documents()}
+
+    def token() -> str:
+        return journal.db.execute_sql("SELECT stamps_token FROM sync_state").fetchone()[0]
+
+    try:
+        kept = token()
+        journal.batch(updates=[(ids["d0.md"], {"base_rev": 1, "base_hash": "0" * 64, "base_path": "d0.md",
+                                              "remote_rev": 1, "remote_hash": "0" * 64, "remote_path": "d0.md"})],
+                      inserts=[{"doc_id": "remote-only", "kind": "text", "remote_path": "r.md", "remote_rev": 2}],
+                      state={"last_seq": 9})
+        journal.update_doc(ids["d1.md"], error="refused", size=3)  # a stamp column set to the value it had
+        journal.batch(deletes=["remote-only"])
+        assert token() == kept
+        other = Journal.open(path)  # another process's connection, and a second thread's
+        try:
+            other.update_doc(ids["d2.md"], base_rev=4)
+            worker = threading.Thread(target=lambda: journal.update_doc(ids["d2.md"], remote_rev=4))
+            worker.start()
+            worker.join()
+            assert token() == kept
+            for column, value in (("size", 4), ("mtime_ns", 2), ("ctime_ns", 2), ("inode", 8), ("mode", 0o755),
+                                  ("path", "moved.md")):
+                before = token()
+                other.update_doc(ids["d2.md"], **{column: value})
+                assert token() != before, column
+            before = token()
+            other.batch(inserts=[{"doc_id": "new", "kind": "text", "path": "n.md", "hash": "1" * 64}])
+            assert token() != before
+            before = token()
+            other.batch(deletes=["new"])
+            assert token() != before
+        finally:
+            other.close()
+        journal.db.execute_sql("DROP TRIGGER temp.stamps_updated")  # an unwatched connection draws on every write
+        before = token()
+        journal.update_doc(ids["d1.md"], base_rev=7)
+        assert token() != before
     finally:
         journal.close()
 

@@ -554,3 +554,106 @@ def test_an_interrupted_forked_batch_leaves_no_child_nor_descriptor(tmp_path: Pa
         os.waitpid(forks[0], os.WNOHANG)  # already reaped
     if fds is not None:
         assert sorted(os.listdir("/proc/self/fd")) == fds
+
+
+def _copy_and_rows(ws: Workspace) -> tuple[tuple | None, dict, str]:
+    """(token and stamps in journal.db-stamps, or None; the rows' stamps; the journal's token)."""
+    import marshal
+
+    journal = ws.journal
+    rows = {row[0]: tuple(row[1:]) for row in journal.execute(
+        "SELECT path, size, mtime_ns, ctime_ns, inode, mode FROM document WHERE path IS NOT NULL")}
+    (token,), = journal.execute("SELECT stamps_token FROM sync_state")
+    try:
+        copy = marshal.loads(journal.stamps_copy.read_bytes()[4:])
+    except FileNotFoundError:
+        copy = None
+    return copy, rows, token
+
+
+def test_a_scan_carries_the_stamps_copy_across_its_own_write(ws: Workspace):
+    """A scan that journals an edit, a touch, a move, a deletion and a creation leaves the copy of the stamps
+    valid (the rows read back, tagged with the token its transaction drew), so the next process loads the copy
+    instead of every row; so does init. The copy always equals the rows when its token is current."""
+    copy, rows, token = _copy_and_rows(ws)
+    assert copy == (token, rows) and len(rows) == 3  # init's scan carried it
+    root = ws.root
+    (root / "a.json").write_text('{"x": 2}\n')  # edited
+    os.utime(root / "notes/b.md", (time.time() - 60,) * 2)  # touched: a restamp
+    (root / "bin/c.bin").rename(root / "bin/moved.bin")  # moved
+    (root / "new.md").write_text("new\n")  # created
+    backdate(root)
+    report = ws.scan()
+    assert report.changed and report.moved == (("bin/c.bin", "bin/moved.bin"),)
+    copy, rows, token = _copy_and_rows(ws)
+    assert copy == (token, rows) and sorted(rows) == ["a.json", "bin/moved.bin", "new.md", "notes/b.md"]
+    (root / "new.md").unlink()  # deleted
+    ws.scan()
+    copy, rows, token = _copy_and_rows(ws)
+    assert copy == (token, rows) and "new.md" not in rows
+    sent: list[str] = []
+    ws.journal.db.connection().set_trace_callback(sent.append)
+    assert ws.scan().hashed == 0
+    assert not [sql for sql in sent if "FROM document" in sql and "IN (" not in sql]  # the copy, not the rows
+
+
+def test_a_stamp_changed_elsewhere_between_read_and_write_is_not_carried(ws: Workspace):
+    """If another connection changes a stamp after the scan read them, the scan's write cannot say what the rows
+    hold: the copy is left stale (its token is not current) and the next read takes the rows."""
+    from syncengine.journal import Journal
+
+    ws.scan()
+    (ws.root / "a.json").write_text('{"x": 3}\n')
+    changes, restamps, _report = scanner.detect(ws.root, ws.journal, ws.ignore)
+    other = Journal.open(ws.layout.journal)  # another process: an apply journals a file meanwhile
+    try:
+        other.update_doc(other.doc_by_path("notes/b.md").doc_id, mtime_ns=12345)
+    finally:
+        other.close()
+    ws.journal.record_local(changes, restamps)
+    copy, rows, token = _copy_and_rows(ws)
+    assert copy is None or copy[0] != token
+    assert rows["notes/b.md"][1] == 12345
+    with ws.journal.reading():
+        assert ws.journal.local_stamps() == rows
+    copy, rows, token = _copy_and_rows(ws)
+    assert copy == (token, rows)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any folder")
+def test_a_folder_that_cannot_be_opened_is_reported_and_its_files_kept(ws: Workspace):
+    """The walk lists each folder through a descriptor: one it may not open is reported, as a listing
+    failure was, and the files the journal knows inside it are not taken for deletions."""
+    ws.scan()
+    os.chmod(ws.root / "notes", 0)
+    try:
+        report = ws.scan()
+    finally:
+        os.chmod(ws.root / "notes", 0o755)
+    assert [(p.path, p.reason) for p in report.problems] == [("notes", "cannot list folder: Permission denied")]
+    assert not report.deleted and "notes/b.md" in ws.journal.local_index()
+
+
+def test_a_kill_between_the_commit_and_the_carried_copy_leaves_a_stale_copy_never_a_wrong_one(ws: Workspace,
+                                                                                                monkeypatch):
+    """The carried copy is written after the scan's transaction commits: killed in between, the journal holds
+    the scan and the copy the token before it, so the next read takes the rows (and the edit is not hashed
+    again, nor lost)."""
+    ws.scan()
+    (ws.root / "a.json").write_text('{"x": 4}\n')
+    backdate(ws.root)
+
+    def killed(*_args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ws.journal, "_save_stamps", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ws.scan()
+    monkeypatch.undo()
+    copy, rows, token = _copy_and_rows(ws)
+    assert copy is not None and copy[0] != token and copy[1] != rows
+    assert [e.op.value for e in ws.log("a.json", limit=1)] == ["modified"]
+    report = ws.scan()
+    assert report.hashed == 0 and not report.changed
+    copy, rows, token = _copy_and_rows(ws)
+    assert copy == (token, rows)

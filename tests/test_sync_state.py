@@ -75,3 +75,18 @@ def test_values_already_held_are_not_written(journal: Journal):
     assert journal.writes == writes
     journal.batch(state={"last_seq": 8, "server_id": "s1"})
     assert journal.writes == writes + 1 and stored(journal)["last_seq"] == 8
+
+
+def test_the_state_is_one_statement_with_the_fields_own_types(journal: Journal):
+    """state() reads sync_state in one plain SELECT (a round reads it six times or more), and gives what the
+    model's own query gives, booleans as booleans."""
+    journal.update_state(paused=True, last_sync_ok=False, last_error="x", last_seq=7)
+    S = journal.m.SyncState
+    expected = S.select().where(S.id == 1).dicts().get()
+    sent: list[str] = []
+    journal.db.connection().set_trace_callback(sent.append)
+    got = stored(journal)
+    journal.db.connection().set_trace_callback(None)
+    assert got == expected and {k: type(v) for k, v in got.items()} == {k: type(v) for k, v in expected.items()}
+    assert got["paused"] is True and got["last_sync_ok"] is False
+    assert len(sent) == 1

@@ -30,6 +30,22 @@ def test_a_no_op_sync_makes_one_request_and_writes_nothing(kit, proxy):
     assert not (report.pushed or report.downloaded) and _stamps(a.root) == stamps and kit.log() == log
 
 
+def test_a_first_round_lists_the_server_without_asking_the_feed_first(kit, proxy):
+    """A journal that never pulled starts from the full listing, which also names the server: no GET of the
+    feed before it (one round trip less per first sync); the next round reads the feed from there."""
+    a = kit.replica({"a.txt": "a\n"}, url=proxy.url)
+    b = kit.replica({"b.txt": "b\n"}, url=proxy.url)
+    a.sync()
+    proxy.seen.clear()
+    b.sync()
+    gets = [path.split("?")[0].rsplit("/", 1)[-1] for method, path in proxy.seen if method == "GET"]
+    assert gets[0] == "docs" and "changes" not in gets[:gets.index("docs") + 1]
+    proxy.seen.clear()
+    a.sync()
+    assert b.tree() == a.tree() and [m for m, _ in proxy.seen][:1] == ["GET"]
+    assert proxy.seen[0][1].split("?")[0].endswith("/changes")
+
+
 def test_requests_grow_with_batches_not_with_files(kit, proxy):
     """250 files go up in 3 commits and come down in a handful of requests; an edit of 120 takes 2 commits."""
     files = {f"many/{i:03d}.json": f'{{"n": {i}}}\n' for i in range(250)}
