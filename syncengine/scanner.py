@@ -116,8 +116,11 @@ def _regular_files(stack: list[tuple[str, str]], ignored: Callable[[str], bool],
                 try:
                     regular = entry.is_file(follow_symlinks=False)
                     folder_entry = not regular and entry.is_dir(follow_symlinks=False)
-                except OSError:
+                except FileNotFoundError:
                     continue  # vanished between listing and stat: the next scan sees it
+                except OSError as exc:  # no type in the listing and no stat allowed: never read as gone
+                    problems.append(ScanProblem(rel, f"cannot stat: {exc.strerror}"))
+                    continue
                 if regular:
                     if not rel.isascii():
                         problem = _name_problem(rel)
@@ -150,8 +153,11 @@ def _stat_walk(root: Path, ignore: IgnoreRules, only: list[str] | None, problems
             if not ignored(rel):
                 try:
                     st = entry.stat(follow_symlinks=False)
-                except OSError:
+                except FileNotFoundError:
                     continue  # vanished between listing and stat: the next scan sees it
+                except OSError as exc:
+                    problems.append(ScanProblem(rel, f"cannot stat: {exc.strerror}"))
+                    continue
                 files[rel] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode & 0o7777)
     return files
 
@@ -183,8 +189,13 @@ def _changed_walk(root: Path, ignore: IgnoreRules, stamps: dict[str, Stamp], rac
             if known is not None:
                 try:
                     st = entry.stat(follow_symlinks=False)
-                except OSError:
+                except FileNotFoundError:
                     continue  # vanished between listing and stat: the next scan sees it
+                except OSError as exc:
+                    # A folder listed but not searchable (mode r--): its names come, every stat
+                    # fails. Reported, so detect() never reads those files as deleted.
+                    problems.append(ScanProblem(rel, f"cannot stat: {exc.strerror}"))
+                    continue
                 seen.append(rel)
                 stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode & 0o7777)
                 if known == stamp and stamp[1] < racy_after:

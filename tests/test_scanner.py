@@ -657,3 +657,82 @@ def test_a_kill_between_the_commit_and_the_carried_copy_leaves_a_stale_copy_neve
     assert report.hashed == 0 and not report.changed
     copy, rows, token = _copy_and_rows(ws)
     assert copy == (token, rows)
+
+
+
+def _scan_elsewhere(root: Path, user: int | None) -> dict:
+    """A scan of ``root`` in a forked child, as ``user`` if given: (deleted, problems, journaled paths).
+
+    Forked, not a new interpreter: `nobody` may not read the interpreter's own files here
+    (/root/.pyenv), while a fork already has everything a scan imports.
+    """
+    import json
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            os.close(read)
+            if user is not None:
+                os.setgid(user)
+                os.setuid(user)
+            ws = Workspace(root)
+            report = ws.scan()
+            out = {"deleted": list(report.deleted), "problems": sorted([p.path, p.reason] for p in report.problems),
+                   "known": sorted(ws.journal.local_index())}
+            ws.close()
+            os.write(write, json.dumps(out).encode())
+            code = 0
+        except BaseException:
+            import traceback
+
+            os.write(write, traceback.format_exc().encode())
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read, "rb") as fh:
+        data = fh.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and data, data.decode()
+    return json.loads(data)
+
+
+def test_files_in_a_folder_listed_but_not_searchable_are_reported_not_deleted():
+    """A folder with mode r-- lists its names but refuses every stat inside: those files are reported, and
+    the journal keeps them (they used to be taken for vanished, and pushed as deletions).
+
+    Permissions do not bind root, so as root the scan runs as `nobody` in a forked child (in a folder of
+    /tmp: pytest's tmp_path sits in folders closed to others)."""
+    import tempfile
+
+    top = Path(tempfile.mkdtemp(prefix="se-perm-"))
+    try:
+        _scan_a_folder_not_searchable(top)
+    finally:
+        shutil.rmtree(top)
+
+
+def _scan_a_folder_not_searchable(top: Path) -> None:
+    root = top / "w"
+    make_tree(root, {"a.json": '{"x": 1}\n', "notes/b.md": "# b\n", "notes/c.md": "# c\n"})
+    backdate(root)
+    ws, _ = Workspace.init(root)
+    ws.scan()  # and every module a scan imports, before the child may lose the right to read them
+    ws.close()
+    user = None
+    if os.geteuid() == 0:
+        user = 65534
+        for folder, _dirs, names in os.walk(top):
+            os.chown(folder, user, user)
+            for name in names:
+                os.chown(os.path.join(folder, name), user, user)
+    os.chmod(root / "notes", 0o444)
+    try:
+        out = _scan_elsewhere(root, user)
+    finally:
+        os.chmod(root / "notes", 0o755)
+    assert out["deleted"] == []
+    assert out["problems"] == [["notes/b.md", "cannot stat: Permission denied"],
+                               ["notes/c.md", "cannot stat: Permission denied"]]
+    assert out["known"] == ["a.json", "notes/b.md", "notes/c.md"]
