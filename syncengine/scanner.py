@@ -72,7 +72,8 @@ _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXE
 
 
 def _regular_files(stack: list[tuple[str, str]], ignored: Callable[[str], bool], problems: list[ScanProblem],
-                   unreadable_dirs: list[str]) -> Iterator[list[tuple[str, os.DirEntry]]]:
+                   unreadable_dirs: list[str], skip: frozenset[str] = frozenset()
+                   ) -> Iterator[list[tuple[str, os.DirEntry]]]:
     """(relative path, directory entry) of every regular file with a valid name under the ``stack``'s folders,
     a folder's files at a time (resuming a generator per file was a tenth of a no-op walk).
 
@@ -129,7 +130,7 @@ def _regular_files(stack: list[tuple[str, str]], ignored: Callable[[str], bool],
                                 problems.append(ScanProblem(rel.encode("utf-8", "replace").decode(), problem))
                             continue
                     files.append((rel, entry))
-                elif folder_entry and not ignored(rel + "/"):
+                elif folder_entry and not ignored(rel + "/") and (prefix or name not in skip):
                     stack.append((os.path.join(folder, name), rel + "/"))
             yield files  # stat'ed by the caller while the folder's descriptor is open
         finally:
@@ -164,12 +165,12 @@ def _stat_walk(root: Path, ignore: IgnoreRules, only: list[str] | None, problems
 
 def _changed_walk(root: Path, ignore: IgnoreRules, stamps: dict[str, Stamp], racy_after: int,
                   problems: list[ScanProblem], unreadable_dirs: list[str]
-                  ) -> tuple[dict[str, Stamp | None], list[str], int]:
+                  ) -> tuple[dict[str, Stamp | None], set[str], int]:
     """:func:`_stat_walk` fused with the comparison to the journal's ``stamps``.
 
     Returns (the files whose stamp differs from the journal's, or is racy,
     with that stamp, and the files the journal does not know, with None;
-    the known paths seen; how many files were counted). A no-op scan of
+    the known paths not seen; how many files were counted). A no-op scan of
     50,000 files keeps no dict of 50,000 stamps and makes no second pass to
     compare them, and the ignore rules are asked only about files that
     differ: a file whose stamp is exactly the journal's is known and
@@ -177,13 +178,92 @@ def _changed_walk(root: Path, ignore: IgnoreRules, stamps: dict[str, Stamp], rac
     nor as changed either way), so it is counted as a file of the workspace.
     A file the journal does not know is not stat'ed: it will be hashed, and
     a first scan of 10,000 files makes 10,000 fewer lstat calls.
+
+    A large workspace's walk is one lstat per file, on one core while the
+    other idles: with WALK_FORK_MIN known files, a forked child walks every
+    second top folder (:func:`_fork_walking`) and sends back only what
+    differs, so what crosses the pipe grows with the changes, not the files.
     """
+    top = os.fspath(root)
+    ignored = ignore.matcher()
+    theirs: list[tuple[str, str]] = []
+    child = None
+    if len(stamps) >= WALK_FORK_MIN and _may_fork():
+        theirs = _split_top(top, ignored)
+        if theirs:
+            child = _fork_walking(theirs, ignored, stamps, racy_after)
+    skip = frozenset(_tops(theirs)) if child is not None else frozenset()
+    stack = [(top, "")]
+    if child is None:
+        changed, seen, counted = _walk_part(stack, ignored, stamps, racy_after, problems, unreadable_dirs)
+        return changed, (stamps.keys() - seen if len(seen) != len(stamps) else set()), counted
+    pid, fd = child
+    status: int | None = None
+    try:
+        changed, seen, counted = _walk_part(stack, ignored, stamps, racy_after, problems, unreadable_dirs, skip)
+        data = _read_all(fd)
+        status = _wait(pid)
+    finally:
+        os.close(fd)
+        if status is None:  # interrupted: the child's walk is not wanted any more
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            _wait(pid)
+    result = _decode_walk(data) if status == 0 else None
+    if result is None:  # the child failed: walk its folders here
+        their_changed, their_seen, their_counted = _walk_part(theirs, ignored, stamps, racy_after, problems,
+                                                              unreadable_dirs)
+        seen |= their_seen
+        their_missing = None
+    else:
+        their_changed, their_missing, their_seen_count, their_counted, their_problems, their_unreadable = result
+        problems.extend(ScanProblem(path, reason) for path, reason in their_problems)
+        unreadable_dirs.extend(their_unreadable)
+    changed.update(their_changed)
+    if their_missing is None:
+        vanished = stamps.keys() - seen if len(seen) != len(stamps) else set()
+    elif len(seen) + their_seen_count == len(stamps):
+        vanished = set()  # every known file was seen, here or there
+    else:
+        # Known paths under the child's folders that it did not see, and under the rest that this walk did not.
+        mine = {rel for rel in stamps.keys() - seen if rel.partition("/")[0] not in skip}
+        vanished = mine | set(their_missing)
+    return changed, vanished, counted + their_counted
+
+
+WALK_FORK_MIN = 20_000  # known files before a forked child walks half the top folders
+
+
+def _tops(stack: list[tuple[str, str]]) -> set[str]:
+    return {prefix[:-1] for _folder, prefix in stack}
+
+
+def _split_top(top: str, ignored: Callable[[str], bool]) -> list[tuple[str, str]]:
+    """The top folders a child walks: every second one that is not ignored, if there are two or more.
+
+    The root's files and the other folders stay with this process (whose
+    :func:`_regular_files` skips the child's at the root).
+    """
+    try:
+        with os.scandir(top) as entries:
+            folders = sorted(e.name for e in entries
+                             if e.name != STATE_DIR and e.is_dir(follow_symlinks=False) and not ignored(e.name + "/"))
+    except OSError:
+        return []  # the walk here reports it
+    if len(folders) < 2:
+        return []
+    return [(os.path.join(top, name), name + "/") for name in folders[1::2]]
+
+
+def _walk_part(stack: list[tuple[str, str]], ignored: Callable[[str], bool], stamps: dict[str, Stamp],
+               racy_after: int, problems: list[ScanProblem], unreadable_dirs: list[str],
+               skip: frozenset[str] = frozenset()) -> tuple[dict[str, Stamp | None], set[str], int]:
+    """The walk of the folders in ``stack``: (changed, known paths seen, counted); see :func:`_changed_walk`."""
     changed: dict[str, Stamp | None] = {}
     seen: list[str] = []
     counted = 0
-    ignored = ignore.matcher()
     get = stamps.get
-    for folder in _regular_files([(os.fspath(root), "")], ignored, problems, unreadable_dirs):
+    for folder in _regular_files(list(stack), ignored, problems, unreadable_dirs, skip):  # a copy: it pops
         for rel, entry in folder:
             known = get(rel)
             if known is not None:
@@ -207,7 +287,52 @@ def _changed_walk(root: Path, ignore: IgnoreRules, stamps: dict[str, Stamp], rac
                 continue
             counted += 1
             changed[rel] = stamp
-    return changed, seen, counted
+    return changed, set(seen), counted
+
+
+def _fork_walking(theirs: list[tuple[str, str]], ignored: Callable[[str], bool], stamps: dict[str, Stamp],
+                  racy_after: int) -> tuple[int, int] | None:
+    """Start a child that walks the folders ``theirs`` and writes what differs to a pipe; (pid, read end), or None."""
+    try:
+        rfd, wfd = os.pipe()
+    except OSError:
+        return None
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(rfd)
+        os.close(wfd)
+        return None
+    if pid == 0:  # the child: only lists and stats, never touches the journal, and leaves with os._exit
+        status = 1
+        try:
+            os.closerange(3, wfd)  # no lock (flock) of the parent's stays held by this child
+            os.closerange(wfd + 1, _MAX_FD)
+            problems: list[ScanProblem] = []
+            unreadable: list[str] = []
+            changed, seen, counted = _walk_part(theirs, ignored, stamps, racy_after, problems, unreadable)
+            tops = _tops(theirs)
+            missing = [rel for rel in stamps if rel not in seen and rel.partition("/")[0] in tops]
+            view = memoryview(marshal.dumps(
+                ("walk", changed, missing, len(seen), counted, [(p.path, p.reason) for p in problems], unreadable)))
+            while view:
+                view = view[os.write(wfd, view):]
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(wfd)
+    return pid, rfd
+
+
+def _decode_walk(data: bytes) -> tuple | None:
+    """The child's walk, or None if it did not deliver all of it (then its folders are walked here)."""
+    try:
+        out = marshal.loads(data)
+    except (EOFError, ValueError, TypeError):
+        return None
+    if type(out) is not tuple or len(out) != 7 or out[0] != "walk":
+        return None
+    return out[1:]
 
 
 def _differs(path: str, stamp: Stamp | None, known: tuple | None, racy_after: int) -> bool:
@@ -253,8 +378,7 @@ def detect(
     with journal.reading():
         racy_after = (journal.state().get("last_scan_ns") or 0) - RACY_NS
         stamps = journal.local_stamps()
-    changed, seen, files = _changed_walk(root, ignore, stamps, racy_after, problems, unreadable_dirs)
-    vanished = stamps.keys() - set(seen) if len(seen) != len(stamps) else set()
+    changed, vanished, files = _changed_walk(root, ignore, stamps, racy_after, problems, unreadable_dirs)
     wanted = [*changed, *vanished]
     with journal.reading():
         if len(wanted) > len(stamps) // 4:

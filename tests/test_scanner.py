@@ -736,3 +736,93 @@ def _scan_a_folder_not_searchable(top: Path) -> None:
     assert out["problems"] == [["notes/b.md", "cannot stat: Permission denied"],
                                ["notes/c.md", "cannot stat: Permission denied"]]
     assert out["known"] == ["a.json", "notes/b.md", "notes/c.md"]
+
+
+def _walk_tree() -> dict[str, str | bytes]:
+    tree: dict[str, str | bytes] = {f"t{t}/s{s}/{i}.json": f'{{"t": {t}, "i": {i}}}\n'
+                                    for t in range(5) for s in range(2) for i in range(4)}
+    return tree | {"top.md": "# top\n", "cache/x.json": "{}\n", "t4/deep/er/f.txt": "f\n"}
+
+
+def _edit_walk_tree(root: Path) -> None:
+    """Changes in the folders of both processes, at the root, and across them."""
+    (root / "top.md").write_text("# top, edited\n")
+    (root / "t0/s0/0.json").write_text('{"edited": 0}\n')
+    (root / "t1/s1/1.json").write_text('{"edited": 1}\n')
+    (root / "t3/s0/new.json").write_text('{"new": 3}\n')
+    (root / "t2/s1/new.json").write_text('{"new": 2}\n')
+    (root / "t0/s1/2.json").unlink()
+    (root / "t1/s0/3.json").unlink()
+    os.rename(root / "t4/s0/0.json", root / "t1/moved.json")
+    os.rename(root / "t2/s0/1.json", root / "t3/moved.json")
+    shutil.rmtree(root / "t4/deep")
+    (root / "cache/y.json").write_text("{}\n")
+
+
+def _report_facts(report) -> tuple:
+    return (sorted(report.created), sorted(report.modified), sorted(report.deleted), sorted(report.moved),
+            report.files, sorted((p.path, p.reason) for p in report.problems))
+
+
+def test_a_large_walk_shares_its_top_folders_with_a_forked_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        request: pytest.FixtureRequest):
+    """Over WALK_FORK_MIN known files a child walks every second top folder: the same changes, deletions,
+    moves, counts and journal rows as one process, ignored folders included; and a child that fails costs
+    time, not results."""
+    if not _here_or_alone(request):
+        return
+    facts, rows = [], []
+    for name, walk_min, broken in (("one", 10**9, False), ("two", 1, False), ("failed", 1, True)):
+        monkeypatch.setattr(scanner, "WALK_FORK_MIN", walk_min)
+        root = tmp_path / name
+        make_tree(root, _walk_tree())
+        (root / ".syncignore").write_text("cache/\n")
+        backdate(root)
+        workspace, _ = Workspace.init(root)
+        try:
+            _edit_walk_tree(root)
+            backdate(root)
+            forks = _count_forks(monkeypatch)
+            if broken:
+                monkeypatch.setattr(scanner, "_decode_walk", lambda _data: None)
+            report = workspace.scan()
+            monkeypatch.undo()
+            assert len(forks) == (0 if walk_min > 1 else 1)
+            facts.append(_report_facts(report))
+            rows.append(sorted((path, r[1], r[2]) for path, r in workspace.journal.local_index().items()))
+        finally:
+            workspace.close()
+    assert facts[0] == facts[1] == facts[2]
+    assert rows[0] == rows[1] == rows[2]
+    created, modified, deleted, moved, _files, problems = facts[0]
+    assert created == ["t2/s1/new.json", "t3/s0/new.json"] and not problems
+    assert modified == ["t0/s0/0.json", "t1/s1/1.json", "top.md"]
+    assert deleted == ["t0/s1/2.json", "t1/s0/3.json", "t4/deep/er/f.txt"]
+    assert len(moved) == 2
+
+
+def test_a_forked_walk_reports_the_child_folders_it_cannot_list_and_keeps_their_files(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest):
+    """A folder the child cannot list is reported by it and its files are not taken for deletions."""
+    if not _here_or_alone(request):
+        return
+    root = tmp_path / "w"
+    make_tree(root, _walk_tree())
+    backdate(root)
+    workspace, _ = Workspace.init(root)
+    try:
+        monkeypatch.setattr(scanner, "WALK_FORK_MIN", 1)
+        forks = _count_forks(monkeypatch)
+        # Armed faults keep a scan from forking (their counts are per process); here the second listing
+        # fails in each process: one folder of the child's (t1 or t3) and one of this process's.
+        monkeypatch.setattr(scanner, "faults_armed", lambda: False)
+        with inject_fault("list", 2, errno.EACCES):
+            report = workspace.scan()
+        assert len(forks) == 1
+        failed = [p.path for p in report.problems]
+        assert len(failed) == 2 and any(path.split("/")[0] in ("t1", "t3") for path in failed)
+        assert all(p.reason == "cannot list folder: Permission denied" for p in report.problems)
+        assert report.deleted == () and report.modified == () and report.created == ()
+        assert len(workspace.journal.local_index()) == len(_walk_tree())
+    finally:
+        workspace.close()
