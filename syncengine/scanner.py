@@ -21,6 +21,7 @@ import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from syncengine.documents import kind_for
 from syncengine.fsops import TEMP_PREFIX, TEMP_SUFFIX, FileStat, check_fault, faults_armed, hash_with_head
@@ -191,25 +192,15 @@ def _changed_walk(root: Path, ignore: IgnoreRules, stamps: dict[str, Stamp], rac
     if len(stamps) >= WALK_FORK_MIN and _may_fork():
         theirs = _split_top(top, ignored)
         if theirs:
-            child = _fork_walking(theirs, ignored, stamps, racy_after)
+            child = _forked(lambda: _walk_elsewhere(theirs, ignored, stamps, racy_after))
     skip = frozenset(_tops(theirs)) if child is not None else frozenset()
     stack = [(top, "")]
     if child is None:
         changed, seen, counted = _walk_part(stack, ignored, stamps, racy_after, problems, unreadable_dirs)
         return changed, (stamps.keys() - seen if len(seen) != len(stamps) else set()), counted
-    pid, fd = child
-    status: int | None = None
-    try:
-        changed, seen, counted = _walk_part(stack, ignored, stamps, racy_after, problems, unreadable_dirs, skip)
-        data = _read_all(fd)
-        status = _wait(pid)
-    finally:
-        os.close(fd)
-        if status is None:  # interrupted: the child's walk is not wanted any more
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-            _wait(pid)
-    result = _decode_walk(data) if status == 0 else None
+    (changed, seen, counted), data = _beside(
+        child, lambda: _walk_part(stack, ignored, stamps, racy_after, problems, unreadable_dirs, skip))
+    result = _decode_walk(data) if data is not None else None
     if result is None:  # the child failed: walk its folders here
         their_changed, their_seen, their_counted = _walk_part(theirs, ignored, stamps, racy_after, problems,
                                                               unreadable_dirs)
@@ -290,38 +281,15 @@ def _walk_part(stack: list[tuple[str, str]], ignored: Callable[[str], bool], sta
     return changed, set(seen), counted
 
 
-def _fork_walking(theirs: list[tuple[str, str]], ignored: Callable[[str], bool], stamps: dict[str, Stamp],
-                  racy_after: int) -> tuple[int, int] | None:
-    """Start a child that walks the folders ``theirs`` and writes what differs to a pipe; (pid, read end), or None."""
-    try:
-        rfd, wfd = os.pipe()
-    except OSError:
-        return None
-    try:
-        pid = os.fork()
-    except OSError:
-        os.close(rfd)
-        os.close(wfd)
-        return None
-    if pid == 0:  # the child: only lists and stats, never touches the journal, and leaves with os._exit
-        status = 1
-        try:
-            os.closerange(3, wfd)  # no lock (flock) of the parent's stays held by this child
-            os.closerange(wfd + 1, _MAX_FD)
-            problems: list[ScanProblem] = []
-            unreadable: list[str] = []
-            changed, seen, counted = _walk_part(theirs, ignored, stamps, racy_after, problems, unreadable)
-            tops = _tops(theirs)
-            missing = [rel for rel in stamps if rel not in seen and rel.partition("/")[0] in tops]
-            view = memoryview(marshal.dumps(
-                ("walk", changed, missing, len(seen), counted, [(p.path, p.reason) for p in problems], unreadable)))
-            while view:
-                view = view[os.write(wfd, view):]
-            status = 0
-        finally:
-            os._exit(status)
-    os.close(wfd)
-    return pid, rfd
+def _walk_elsewhere(theirs: list[tuple[str, str]], ignored: Callable[[str], bool], stamps: dict[str, Stamp],
+                    racy_after: int) -> tuple:
+    """The child's part of :func:`_changed_walk`: what differs under ``theirs``, never the whole walk."""
+    problems: list[ScanProblem] = []
+    unreadable: list[str] = []
+    changed, seen, counted = _walk_part(theirs, ignored, stamps, racy_after, problems, unreadable)
+    tops = _tops(theirs)
+    missing = [rel for rel in stamps if rel not in seen and rel.partition("/")[0] in tops]
+    return "walk", changed, missing, len(seen), counted, [(p.path, p.reason) for p in problems], unreadable
 
 
 def _decode_walk(data: bytes) -> tuple | None:
@@ -452,6 +420,7 @@ def detect(
 
 
 FORK_MIN = 2000  # files to hash before a second process takes half of them
+T = TypeVar("T")
 _MAX_FD = os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 1 << 16  # a child closes what it inherited
 
 
@@ -469,24 +438,13 @@ def _hash_files(top: str, rels: list[str], index: dict[str, tuple], progress: Pr
     """
     if len(rels) >= FORK_MIN and _may_fork():
         half = len(rels) // 2
-        child = _fork_hashing(top, rels[half:], index)
+        child = _forked(lambda: _hashed_elsewhere(top, rels[half:], index))
         if child is not None:
-            pid, fd = child
-            status: int | None = None
-            try:
-                # Its last report waits for the child's half (below).
-                mine = _hash_part(top, rels[:half], index,
-                                  (lambda done, total: progress(min(done, total - 1), total)) if progress else None,
-                                  len(rels))
-                data = _read_all(fd)
-                status = _wait(pid)
-            finally:
-                os.close(fd)
-                if status is None:  # interrupted: the child's work is not wanted any more
-                    with contextlib.suppress(OSError):
-                        os.kill(pid, signal.SIGKILL)
-                    _wait(pid)
-            theirs = _decode(data, len(rels) - half) if status == 0 else None
+            # Its last report waits for the child's half (below).
+            mine, data = _beside(child, lambda: _hash_part(
+                top, rels[:half], index,
+                (lambda done, total: progress(min(done, total - 1), total)) if progress else None, len(rels)))
+            theirs = _decode(data, len(rels) - half) if data is not None else None
             if theirs is None:  # the child failed: hash its half here
                 theirs = _hash_part(top, rels[half:], index, None, len(rels))
             if progress and rels:
@@ -521,8 +479,20 @@ def _may_fork() -> bool:
     return len(cores) > 1
 
 
-def _fork_hashing(top: str, rels: list[str], index: dict[str, tuple]) -> tuple[int, int] | None:
-    """Start a child that hashes ``rels`` and writes the results to a pipe; (pid, read end), or None."""
+def _hashed_elsewhere(top: str, rels: list[str], index: dict[str, tuple]) -> list[tuple]:
+    """The child's part of :func:`_hash_files`, as plain tuples for marshal."""
+    return [(r[0], r[1].size, r[1].mtime_ns, r[1].ctime_ns, r[1].inode, r[1].mode, r[2])
+            if r[0] is not None else r for r in _hash_part(top, rels, index, None, len(rels))]
+
+
+def _forked(work: Callable[[], object]) -> tuple[int, int] | None:
+    """Start a child that runs ``work`` and writes its result, marshalled, to a pipe; (pid, read end), or None.
+
+    The child only reads files, never touches the journal, and leaves with
+    os._exit; it keeps no descriptor but its pipe's write end (and stdio),
+    so a parent killed meanwhile leaves no lock (flock: the sync and scan
+    locks) held by this child.
+    """
     try:
         rfd, wfd = os.pipe()
     except OSError:
@@ -533,16 +503,12 @@ def _fork_hashing(top: str, rels: list[str], index: dict[str, tuple]) -> tuple[i
         os.close(rfd)
         os.close(wfd)
         return None
-    if pid == 0:  # the child: only reads files, never touches the journal, and leaves with os._exit
+    if pid == 0:  # the child
         status = 1
         try:
-            # No descriptor but its pipe's write end (and stdio): a parent killed meanwhile
-            # leaves no lock (flock: the sync and scan locks) held by this child.
             os.closerange(3, wfd)
             os.closerange(wfd + 1, _MAX_FD)
-            rows = [(r[0], r[1].size, r[1].mtime_ns, r[1].ctime_ns, r[1].inode, r[1].mode, r[2])
-                    if r[0] is not None else r for r in _hash_part(top, rels, index, None, len(rels))]
-            view = memoryview(marshal.dumps(rows))
+            view = memoryview(marshal.dumps(work()))
             while view:
                 view = view[os.write(wfd, view):]
             status = 0
@@ -550,6 +516,26 @@ def _fork_hashing(top: str, rels: list[str], index: dict[str, tuple]) -> tuple[i
             os._exit(status)
     os.close(wfd)
     return pid, rfd
+
+
+def _beside(child: tuple[int, int], mine: Callable[[], T]) -> tuple[T, bytes | None]:
+    """Run ``mine`` here while ``child`` works: (mine's result, the child's bytes, None if it failed).
+
+    Interrupted here, the child's work is not wanted any more: it is killed and reaped.
+    """
+    pid, fd = child
+    status: int | None = None
+    try:
+        result = mine()
+        data = _read_all(fd)
+        status = _wait(pid)
+    finally:
+        os.close(fd)
+        if status is None:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            _wait(pid)
+    return result, (data if status == 0 else None)
 
 
 def _read_all(fd: int) -> bytes:
