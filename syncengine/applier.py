@@ -21,7 +21,7 @@ from syncengine.fsops import ChangedUnderfoot, failpoint, mapped, move_safe
 from syncengine.journal import DocRow
 from syncengine.leftovers import begin_apply, end_apply
 from syncengine.models import Kind, ScanProblem
-from syncengine.reconcile import Action, Do
+from syncengine.reconcile import LOCAL_WORK, Action, Do
 
 
 def _order(item: tuple[DocRow, Action]) -> tuple[int, str]:
@@ -47,7 +47,7 @@ def apply_plan(ctx: Context, plan: Plan, flush_every: int = 200) -> Applied:
     are listed in ``result.underfoot``: the round rescans them and decides
     again, so the edit becomes a conflict in the same round, never a loss.
     """
-    work = [item for item in plan if item[1].do in (Do.PULL, Do.ADOPT, Do.FORGET, Do.MERGE)]
+    work = [item for item in plan if item[1].do in LOCAL_WORK]
     if not work:
         return ctx.result
     begin_apply(ctx.root)

@@ -35,7 +35,7 @@ from syncengine.fsops import (
 from syncengine.journal import DocRow, Journal, now_ns
 from syncengine.leftovers import begin_apply, end_apply, recover  # noqa: F401 - part of this module's API
 from syncengine.models import Kind, ScanProblem
-from syncengine.reconcile import Action, ConflictKind, Version
+from syncengine.reconcile import Action, ConflictKind, Version, versions
 from syncengine.staging import Staged
 
 Plan = list[tuple[DocRow, Action]]
@@ -84,16 +84,6 @@ def exec_mode(mode: int | None, executable: bool) -> int:
     if executable:
         return mode | 0o100 | ((mode & 0o040) >> 2) | ((mode & 0o004) >> 2)
     return mode & ~0o111
-
-
-def versions(row: DocRow) -> tuple[Version | None, Version | None, Version | None]:
-    """The (base, local, remote) of a journal row, as reconcile sees them."""
-    base = None if row.base_rev is None else Version(row.base_path or row.path or "", row.base_hash,
-                                                     bool((row.base_mode or 0) & 0o100))
-    local = None if row.path is None else Version(row.path, row.hash, bool((row.mode or 0) & 0o100))
-    remote = None if row.remote_rev is None else Version(row.remote_path or "", row.remote_hash,
-                                                         bool((row.remote_mode or 0) & 0o100))
-    return base, local, remote
 
 
 def _local_values(path: str, digest: str, st: FileStat) -> dict[str, Any]:

@@ -21,6 +21,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from syncengine.journal import DocRow
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +47,10 @@ class Do(enum.StrEnum):
     ADOPT = "adopt"  # both sides already agree: record it as the new base
     FORGET = "forget"  # gone here, unknown to the server: drop the record
     MERGE = "merge"  # both changed: converge on a target, then push it
+
+
+# What the apply stack does on this side; the rest (PUSH, NOTHING) is the push's or no one's.
+LOCAL_WORK = frozenset({Do.PULL, Do.ADOPT, Do.FORGET, Do.MERGE})
 
 
 class ConflictKind(enum.StrEnum):
@@ -179,3 +187,17 @@ def _merge(base: Version | None, local: Version, remote: Version, kind: Conflict
         kind = ConflictKind.BOTH_MODIFIED if content_conflict else ConflictKind.MOVED_MODIFIED
     return Action(Do.MERGE, kind, path=path, hash=None if content_conflict else content,
                   executable=bool(executable), content_conflict=content_conflict, rule=rule)
+
+
+def versions(row: DocRow) -> tuple[Version | None, Version | None, Version | None]:
+    """The (base, local, remote) of a journal row, as reconcile sees them.
+
+    Here, beside Version, rather than with the apply stack: a round that
+    only pushes plans every changed row and never loads that stack.
+    """
+    base = None if row.base_rev is None else Version(row.base_path or row.path or "", row.base_hash,
+                                                     bool((row.base_mode or 0) & 0o100))
+    local = None if row.path is None else Version(row.path, row.hash, bool((row.mode or 0) & 0o100))
+    remote = None if row.remote_rev is None else Version(row.remote_path or "", row.remote_hash,
+                                                         bool((row.remote_mode or 0) & 0o100))
+    return base, local, remote

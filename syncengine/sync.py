@@ -28,7 +28,7 @@ from syncengine.fsops import failpoint
 from syncengine.journal import DocRow, Journal
 from syncengine.locks import FileLock
 from syncengine.models import PlannedAction, ScanProblem, SyncReport
-from syncengine.reconcile import FIRST_PUSH, Action, Do, reconcile
+from syncengine.reconcile import FIRST_PUSH, LOCAL_WORK, Action, Do, reconcile, versions
 from syncengine.remote import Remote
 
 if TYPE_CHECKING:
@@ -47,8 +47,6 @@ def plan_for(journal: Journal, rows: list[DocRow] | None = None) -> list[tuple[D
         rows = journal.unsettled()
     waiting = {c["doc_id"] for c in journal.open_conflicts()}
     plan = []
-    if rows:
-        from syncengine.apply import versions  # the apply stack, loaded only when a document is out of step
     for row in rows:
         if row.doc_id in waiting:
             continue
@@ -224,7 +222,7 @@ def _round(ws: Workspace, remote: Remote, strategy_for, pct: float, force: bool,
             journal.update_state(guard=None)
         if ctx is not None:
             ctx.result.underfoot.clear()
-        if plan:
+        if any(action.do in LOCAL_WORK for _row, action in plan):  # a round that only pushes never loads it
             from syncengine import applier
             from syncengine import apply as applying
 

@@ -166,6 +166,19 @@ def test_status_and_sync_json_import_only_their_own_stack(tmp_path: Path, kit):
     assert not modules & {"syncengine.blobs", "syncengine.durable", "ctypes", "syncengine.protocol"}
 
 
+def test_a_round_that_only_pushes_does_not_load_the_apply_stack(tmp_path: Path, kit):
+    """Local edits, a creation and a deletion go up without syncengine.apply (its staging, its leftovers):
+    planning them needs reconcile's versions() only; the push's own stack is loaded, as it must be."""
+    replica = kit.replica({"a.json": '{"x": 1}\n', "notes/b.md": "# b\n", "c.txt": "c\n"})
+    (replica.root / "a.json").write_text('{"x": 2}\n')
+    (replica.root / "new.md").write_text("# new\n")
+    (replica.root / "c.txt").unlink()
+    code, modules = imported_by(tmp_path, "-C", replica.root, "sync", "--json")
+    assert code == 0
+    assert "syncengine.push" in modules
+    assert not modules & {"syncengine.apply", "syncengine.applier", "syncengine.staging"}
+
+
 def test_init_writes_its_config_without_tomlkit(tmp_path: Path, sample_tree: Path):
     """`init` writes config.toml by hand (Config.to_toml): tomlkit is only for editing a user's TOML document.
     Its report is one of the values a scan and a round use (syncengine.models), not of syncengine.views."""
