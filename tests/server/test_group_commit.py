@@ -180,24 +180,36 @@ def test_a_group_whose_transaction_is_lost_fails_every_commit_in_it_and_the_retr
     assert storage.commit(ws, "c1", batches[0]).applied == 0  # and a replay is a replay
 
 
+def _pack(n: int) -> list[tuple[str, int, bool, bytes]]:
+    return [(hashlib.sha256(f"blob {i}".encode()).hexdigest(), len(f"blob {i}"), False, f"blob {i}".encode())
+            for i in range(n)]
+
+
+def _commit_behind_the_pack(storage: Storage, statements: list[str], ws: int, batches: list[list]) -> list[Any]:
+    """Trace statements; at the pack's first chunk row, commit ``batches`` from threads and wait until they queue.
+
+    Returns where the (threads, answers) of those commits will be, once the pack has started.
+    """
+    started: list[Any] = []
+
+    def on_statement(sql: str) -> None:
+        statements.append(sql)
+        if not started and sql.lstrip().upper().startswith('INSERT INTO "BLOB_CHUNK"'):
+            started.append(_in_threads([lambda b=b: storage.commit(ws, "c1", b) for b in batches]))
+            _queued(storage, len(batches))
+
+    trace_sqlite(storage, on_statement)
+    return started
+
+
 def test_commits_waiting_behind_a_pack_share_its_transaction(traced):
     """A pack piece being stored when commits queue: they run in its transaction, answered after its COMMIT."""
     storage, statements = traced
     ws = storage.ensure_workspace("w")
     digest = _blob(storage, ws, "known")
-    pack = [(hashlib.sha256(f"blob {i}".encode()).hexdigest(), len(f"blob {i}"), False, f"blob {i}".encode())
-            for i in range(10)]
+    pack = _pack(10)
     batches = [[item(f"d{k}-{i}", f"d{k}/{i}", None, digest) for i in range(2)] for k in range(2)]
-    started: list[Any] = []
-
-    def on_statement(sql: str) -> None:
-        # The pack's first chunk row: now the commits arrive, and queue while the piece is stored.
-        statements.append(sql)
-        if not started and sql.lstrip().upper().startswith('INSERT INTO "BLOB_CHUNK"'):
-            started.append(_in_threads([lambda b=b: storage.commit(ws, "c1", b) for b in batches]))
-            _queued(storage, 2)
-
-    trace_sqlite(storage, on_statement)
+    started = _commit_behind_the_pack(storage, statements, ws, batches)
     statements.clear()
     storage.put_prepared_blobs(ws, pack)
     threads, answers = started[0]
@@ -216,18 +228,9 @@ def test_a_pack_transaction_lost_with_commits_in_it_fails_them_all_and_the_retri
     with storage.db.connection_context():
         storage.db.execute_sql("""CREATE TRIGGER doom BEFORE INSERT ON "change" WHEN NEW."doc_id" = 'doom'
                                   BEGIN SELECT RAISE(ROLLBACK, 'the transaction is lost'); END""")
-    pack = [(hashlib.sha256(f"blob {i}".encode()).hexdigest(), len(f"blob {i}"), False, f"blob {i}".encode())
-            for i in range(10)]
+    pack = _pack(10)
     batches = [[item("fine", "fine", None, digest)], [item("doom", "doom", None, digest)]]
-    started: list[Any] = []
-
-    def on_statement(sql: str) -> None:
-        statements.append(sql)
-        if not started and sql.lstrip().upper().startswith('INSERT INTO "BLOB_CHUNK"'):
-            started.append(_in_threads([lambda b=b: storage.commit(ws, "c1", b) for b in batches]))
-            _queued(storage, 2)
-
-    trace_sqlite(storage, on_statement)
+    started = _commit_behind_the_pack(storage, statements, ws, batches)
     with pytest.raises(StorageError):
         storage.put_prepared_blobs(ws, pack)
     threads, answers = started[0]
