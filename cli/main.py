@@ -73,6 +73,8 @@ class LazyGroup(click.Group):
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name not in self.commands and cmd_name in self.lazy:
+            if cmd_name in WALK_AHEAD and _START_UP["collector_paused"]:
+                _walk_ahead(ctx)
             module = importlib.import_module(self.lazy[cmd_name][0])
             self.add_command(getattr(module, cmd_name), cmd_name)
             _end_start_up()
@@ -112,6 +114,25 @@ def cli(ctx: click.Context, directory: Path | None) -> None:
     if directory is not None and not start.is_dir():
         raise click.BadParameter(f"{directory} is not a folder", param_hint="-C")
     ctx.obj = Context(start)
+
+
+# Commands whose first step is a scan: a fresh process starts its walk ahead of their imports (_walk_ahead).
+WALK_AHEAD = ("status", "sync")
+
+
+def _walk_ahead(ctx: click.Context) -> None:
+    """Start the scan's walk in a forked child (syncengine.early) before the command's stack is imported.
+
+    Only in a fresh `syncengine` process (`run`, which paused the collector):
+    nothing in it has a thread, an SQLite connection or a lock yet. Not
+    for --help, which scans nothing.
+    """
+    if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
+        return
+    from syncengine import early
+
+    directory = ctx.params.get("directory")
+    early.start(os.fspath(directory) if directory is not None else os.getcwd())
 
 
 def _register() -> None:

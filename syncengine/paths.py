@@ -191,6 +191,15 @@ class IgnoreRules:
         assert self._spec is not None  # _any is None only when a negation needs pathspec's ordered answer
         return self._spec.match_file
 
+    def pattern(self) -> tuple[str, int] | None:
+        """The one regex :meth:`matcher` matches with, as (pattern, flags): equal ones ignore the same paths.
+
+        None when the rules need pathspec's ordered answer (a negation): the
+        early walk (syncengine.early) then does not run, having nothing
+        plain to compare its rules with.
+        """
+        return (self._any.pattern, self._any.flags) if self._any is not None else None
+
     def ignored_name(self, name: str) -> bool:
         """Cheap check on a bare file name, for watcher events on temp files."""
         return self.ignored(name)

@@ -18,16 +18,28 @@ import signal
 import threading
 import time
 import unicodedata
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
+from syncengine import early
 from syncengine.documents import kind_for
-from syncengine.fsops import TEMP_PREFIX, TEMP_SUFFIX, FileStat, check_fault, faults_armed, hash_with_head
-from syncengine.journal import Journal
+from syncengine.fsops import (
+    TEMP_PREFIX,
+    TEMP_SUFFIX,
+    FileStat,
+    check_fault,
+    failpoint,
+    faults_armed,
+    hash_with_head,
+)
 from syncengine.models import LocalChange, Op, ScanProblem, ScanReport
 from syncengine.paths import STATE_DIR, IgnoreRules
+
+if TYPE_CHECKING:  # not imported at run time: the early walk's child (syncengine.early) loads this module, not peewee
+    from syncengine.journal import Journal
 
 RACY_NS = 2_000_000_000  # coarse enough for FAT/HFS+ timestamps; costs one extra hash at most
 
@@ -331,6 +343,7 @@ def detect(
     ignore: IgnoreRules,
     *,
     progress: Progress | None = None,
+    ahead: tuple | None = None,
 ) -> tuple[list[LocalChange], list[tuple[str, FileStat]], ScanReport]:
     """Compare disk with the journal; returns (changes, restamps, report) without writing.
 
@@ -339,20 +352,37 @@ def detect(
     file whose stamp moved since the first read (an apply in another
     process journaled it meanwhile) is compared again with the second, so
     the outcome is the one a walk followed by a single read would give.
+    ``ahead``, a walk made earlier by a child (:func:`walk_ahead`), stands
+    for this one's if :func:`_early_reject` finds nothing against it.
     """
     started = time.monotonic()
     problems: list[ScanProblem] = []
     unreadable_dirs: list[str] = []
+    walked = None
     with journal.reading():
         racy_after = (journal.state().get("last_scan_ns") or 0) - RACY_NS
-        stamps = journal.local_stamps()
-    changed, vanished, files = _changed_walk(root, ignore, stamps, racy_after, problems, unreadable_dirs)
+        if ahead is not None:
+            why = _early_reject(ahead, root, journal, ignore, racy_after)
+            if why is None:
+                walked = _taken(ahead, racy_after, problems, unreadable_dirs)
+                if walked[0] or walked[1]:
+                    # Only for record_local's carry of the copy (the walk needs no stamps now): the
+                    # next process reads it, and its own early walk needs it valid.
+                    journal.local_stamps()
+                early.note("used")
+            else:
+                early.note(f"discarded: {why}")
+        if walked is None:
+            stamps = journal.local_stamps()
+    if walked is None:
+        changed, vanished, files = _changed_walk(root, ignore, stamps, racy_after, problems, unreadable_dirs)
+        known = len(stamps)
+    else:
+        changed, vanished, files, known = walked
     wanted = [*changed, *vanished]
     with journal.reading():
-        if len(wanted) > len(stamps) // 4:
-            index = journal.local_index()
-        else:
-            index = journal.local_index(wanted) if wanted else {}
+        full = len(wanted) > known // 4
+        index = journal.local_index() if full else journal.local_index(wanted) if wanted else {}
     # Unknown, restamped (size, mtime, ctime, inode or mode moved) or racy, by the rows read last.
     top = os.path.join(root, "")
     to_hash = [rel for rel, st in changed.items() if _differs(top + rel, st, index.get(rel), racy_after)]
@@ -634,7 +664,7 @@ def scan(
     started_ns = time.time_ns()
     ignore.refresh()
     try:
-        changes, restamps, report = detect(root, journal, ignore, progress=progress)
+        changes, restamps, report = detect(root, journal, ignore, progress=progress, ahead=early.take(os.fspath(root)))
         if changes or restamps:
             with journal.writing():
                 journal.record_local(changes, restamps)  # carries the stamps copy across (Journal.record_local)
@@ -642,3 +672,116 @@ def scan(
     finally:
         journal.drop_stamps()
     return report
+
+
+EARLY_MARGIN_NS = 20_000_000  # a file's mtime comes from the kernel's coarse clock: up to a tick (1-10 ms) behind
+
+
+def walk_ahead(root: str) -> tuple | None:
+    """The early walk (:mod:`syncengine.early`), in its child: what :func:`_changed_walk` finds, as plain values.
+
+    It reads only the stamps copy (as Journal.local_stamps does, crc and
+    all, but never the journal itself), .syncignore and the tree. It cannot
+    know the journal's last scan time, so it takes for its racy bound
+    RACY_NS before the newest stamp's mtime, and sends the files it found
+    equal to their stamp but racy by it apart, with their stamps: the scan
+    drops those its own bound finds settled (:func:`_taken`), and refuses
+    the walk if its bound is lower (:func:`_early_reject`). None when there
+    is no valid copy (the scan reads the rows, and writes the copy for the
+    next process) or the ignore rules need pathspec's ordered answer.
+    """
+    started_ns = time.time_ns()  # before anything is read: "no commit since" is checked against it
+    failpoint("early.walk")  # a test's way to kill the child
+    ignore = IgnoreRules(Path(root))
+    pattern = ignore.pattern()
+    if pattern is None:
+        return None
+    try:
+        with open(os.path.join(root, STATE_DIR, early.STAMPS_COPY), "rb") as fh:
+            raw = fh.read()
+        if int.from_bytes(raw[:4], "little") != zlib.crc32(memoryview(raw)[4:]):
+            return None
+        token, stamps = marshal.loads(memoryview(raw)[4:])
+    except (OSError, EOFError, ValueError, TypeError):
+        return None
+    if type(token) is not str or type(stamps) is not dict:
+        return None
+    racy_after = max((stamp[1] for stamp in stamps.values()), default=0) - RACY_NS
+    problems: list[ScanProblem] = []
+    unreadable: list[str] = []
+    changed, vanished, counted = _changed_walk(Path(root), ignore, stamps, racy_after, problems, unreadable)
+    equal = {rel: stamp for rel, stamp in changed.items() if stamp is not None and stamps.get(rel) == stamp}
+    for rel in equal:
+        del changed[rel]
+    return ("walk-ahead", root, token, started_ns, racy_after, pattern,
+            (changed, equal, list(vanished), counted, len(stamps)),
+            [(p.path, p.reason) for p in problems], unreadable, None)
+
+
+def _taken(ahead: tuple, racy_after: int, problems: list[ScanProblem], unreadable_dirs: list[str]
+           ) -> tuple[dict[str, Stamp | None], set[str], int, int]:
+    """The early walk as :func:`_changed_walk`'s answer for this scan's racy bound, and the known files' count.
+
+    A file it found equal to the journal's stamp (the stamps it compared
+    with are the journal's: :func:`_early_reject`) is racy only if its
+    mtime is at or above this scan's bound; otherwise it is counted and
+    settled, as this scan's own walk would have left it.
+    """
+    changed, equal, vanished, counted, known = ahead[6]
+    changed.update((rel, stamp) for rel, stamp in equal.items() if stamp[1] >= racy_after)
+    problems.extend(ScanProblem(path, reason) for path, reason in ahead[7])
+    unreadable_dirs.extend(ahead[8])
+    return changed, set(vanished), counted, known
+
+
+def _early_reject(ahead: tuple, root: Path, journal: Journal, ignore: IgnoreRules, racy_after: int) -> str | None:
+    """Why the early walk ``ahead`` is not one this scan could have made, or None: then it stands for its walk.
+
+    Called in the read transaction that read ``racy_after``. A walk that
+    started earlier than usual is a slow walk: the journal's stamps held
+    still from the child's read of the copy to this read (the copy's token
+    is the current one, and a token is never drawn twice), so it compared
+    with exactly the stamps this scan would have, and a file changed after
+    the walk passed it is what any walk misses when a change lands just
+    behind it (the next scan sees it). Beyond that: no commit reached the
+    journal since the child started (journal.db's and its WAL's mtimes are
+    older), so nothing this read sees postdates the walk; the rules it
+    matched with are this scan's; and every file it counted as unchanged
+    has an mtime below this scan's racy bound (the files racy by its own
+    bound it sent apart: :func:`_taken`).
+    """
+    _tag, walked, token, started_ns, child_racy, pattern, found, found_problems, found_unreadable, _ = ahead
+    if not _well_formed(found, found_problems, found_unreadable) or type(started_ns) is not int \
+            or type(child_racy) is not int:
+        return "the child's walk is malformed"
+    if walked != os.fspath(root):
+        return "another root"
+    if child_racy > racy_after:
+        return "its racy bound is above the scan's"
+    if pattern != ignore.pattern():
+        return "the ignore rules changed"
+    for path in (journal.path, journal.path.with_name(journal.path.name + "-wal")):
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return "cannot stat the journal"
+        if (st.st_size or path == journal.path) and st.st_mtime_ns >= started_ns - EARLY_MARGIN_NS:
+            return "the journal was written since the child started"
+    current = next(journal.execute("SELECT stamps_token FROM sync_state WHERE id = 1"), (None,))[0]
+    if current is None or current != token:
+        return "the journal's stamps changed since the child read them"
+    return None
+
+
+def _well_formed(found: object, problems: object, unreadable: object) -> bool:
+    """Whether the child's walk has the shape :func:`walk_ahead` gives (marshal keeps types, so a check is cheap)."""
+    if type(found) is not tuple or len(found) != 5 or type(problems) is not list or type(unreadable) is not list:
+        return False
+    changed, equal, vanished, counted, known = found
+    return (type(changed) is dict and type(equal) is dict and type(vanished) is list and type(counted) is int
+            and type(known) is int
+            and all(type(stamp) is tuple and len(stamp) == 5 for stamp in equal.values())
+            and all(stamp is None or (type(stamp) is tuple and len(stamp) == 5) for stamp in changed.values())
+            and all(type(p) is tuple and len(p) == 2 for p in problems))

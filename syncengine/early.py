@@ -1,0 +1,200 @@
+"""The scan's walk, started ahead in a forked child while a fresh `sync` or `status` process imports its stack.
+
+A fresh process spends ~95 ms importing (the HTTP client, peewee, our own
+modules) on one core and then walks the workspace (~36 ms for 10,000
+files) on that same core, while the other core idles. :func:`start`, called
+by the CLI as soon as it knows its command and before those imports, forks
+a child that walks then (:func:`syncengine.scanner.walk_ahead`); the scan
+takes its result (:func:`take`) instead of walking, only if it provably is
+a walk the scan could have made itself (scanner._early_reject), and walks
+as usual otherwise.
+
+Why a fork here is safe:
+
+* the process is single-threaded (a fork copies only the calling thread,
+  and another's lock would stay held in the child), has opened no SQLite
+  connection and taken no file lock (the child would inherit them), has
+  two or more CPUs, and no test fault is armed (their Nth-call counts are
+  per process); the caller forks only from a fresh CLI process (cli.main's
+  start-up), never from a test's or a daemon's;
+* the child reads the stamps copy, .syncignore and the tree, and writes
+  only its pipe: nothing in the workspace, nor the journal (not even
+  SQLite's shared memory: it never opens the journal). It leaves with
+  os._exit, dies with its parent (PR_SET_PDEATHSIG; a parent killed by a
+  signal would otherwise leave it walking), and a parent that never takes
+  its result (an error, an interruption, a command that does not scan)
+  kills and reaps it at exit (:func:`discard`, run by atexit).
+
+This module is imported by the CLI before anything else of the library:
+it imports nothing beyond what the interpreter has loaded already.
+"""
+
+from __future__ import annotations
+
+import atexit
+import marshal
+import os
+import signal
+import sys
+import threading
+
+STATE_DIR = ".syncengine"  # syncengine.paths.STATE_DIR, not imported (see above)
+STAMPS_COPY = "journal.db-stamps"  # Journal.stamps_copy's name
+# Known files (the stamps copy holds ~76 bytes a file at 10,000; its size is read, not the journal) before
+# the early walk pays: below it the walk is a few milliseconds, about a fork and the child's imports.
+EARLY_MIN = 2000
+COPY_BYTES_MIN = EARLY_MIN * 40  # a short path's entry is ~40 bytes: the bound errs towards forking
+TRACE = "SYNCENGINE_TRACE_EARLY"  # set: each outcome is written to stderr (tests observe it there)
+SWITCH = "SYNCENGINE_EARLY"  # "0": never (to compare, or to rule it out)
+
+_pending: tuple[int, int, str] | None = None  # the child's pid, its pipe's read end, the root it walks
+outcomes: list[str] = []  # "used", or "discarded: why", one per taken or discarded walk (for tests and tracing)
+
+
+def start(start_dir: str) -> bool:
+    """Fork a child walking the workspace holding ``start_dir``, if it pays and is safe (see the module)."""
+    global _pending
+    if _pending is not None or os.environ.get(SWITCH) == "0" or not _may_fork():
+        return False
+    root = _find_root(start_dir)
+    if root is None:
+        return False
+    try:
+        if os.stat(os.path.join(root, STATE_DIR, STAMPS_COPY)).st_size < COPY_BYTES_MIN:
+            return False
+        rfd, wfd = os.pipe()
+    except OSError:
+        return False
+    parent = os.getpid()
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(rfd)
+        os.close(wfd)
+        return False
+    if pid == 0:  # the child
+        status = 1
+        try:
+            os.close(rfd)
+            os.closerange(3, wfd)
+            os.closerange(wfd + 1, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 1 << 16)
+            _die_with(parent)
+            from syncengine import scanner  # here, on the second core: the parent imports its own copy meanwhile
+
+            view = memoryview(marshal.dumps(scanner.walk_ahead(root)))
+            while view:
+                view = view[os.write(wfd, view):]
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(wfd)
+    _pending = (pid, rfd, root)
+    atexit.register(discard)
+    return True
+
+
+def take(root: str) -> tuple | None:
+    """The child's walk of ``root`` (see scanner.walk_ahead), or None: no child, another root, or it failed.
+
+    Taken once: whatever comes back, the child is reaped and later scans walk as usual.
+    """
+    global _pending
+    if _pending is None:
+        return None
+    pid, fd, walked = _pending
+    if walked != root:
+        discard("another root")
+        return None
+    _pending = None
+    status: int | None = None
+    data = b""
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        data = b"".join(chunks)
+        status = _wait(pid)
+    finally:
+        os.close(fd)
+        if status is None:  # interrupted while reading: the child is not wanted any more
+            _kill(pid)
+    if status != 0:
+        note(f"discarded: the child failed (status {status})")
+        return None
+    try:
+        out = marshal.loads(data)
+    except (EOFError, ValueError, TypeError):
+        out = None
+    if type(out) is not tuple or len(out) != 10 or out[0] != "walk-ahead" or out[1] != root:
+        note("discarded: the child sent no walk" if out is None else "discarded: the child's walk is malformed")
+        return None
+    return out
+
+
+def discard(why: str = "not taken") -> None:
+    """Kill and reap the child, if any: its walk is not wanted (an error, an exit, another root)."""
+    global _pending
+    if _pending is None:
+        return
+    pid, fd, _root = _pending
+    _pending = None
+    try:
+        os.close(fd)
+    finally:
+        _kill(pid)
+    note(f"discarded: {why}")
+
+
+def note(outcome: str) -> None:
+    outcomes.append(outcome)
+    if os.environ.get(TRACE):
+        sys.stderr.write(f"syncengine: early walk {outcome}\n")
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+    _wait(pid)
+
+
+def _wait(pid: int) -> int:
+    try:
+        return os.waitpid(pid, 0)[1]  # EINTR is retried by Python itself (PEP 475)
+    except ChildProcessError:
+        return -1
+
+
+def _may_fork() -> bool:
+    """scanner._may_fork's test, without importing fsops: the fault hooks are armed by the environment only
+    in a fresh process (their in-process override is a test's)."""
+    if not hasattr(os, "fork") or threading.active_count() != 1 or os.environ.get("SYNCENGINE_FSFAULT"):
+        return False
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    return len(cores) > 1
+
+
+def _find_root(start_dir: str) -> str | None:
+    """workspace.find_root's answer as a str, or None (the scan compares it with its workspace's root)."""
+    folder = os.path.abspath(start_dir)
+    while True:
+        state = os.path.join(folder, STATE_DIR)
+        if os.path.isfile(os.path.join(state, "config.toml")) or os.path.isfile(os.path.join(state, "journal.db")):
+            return folder
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return None
+        folder = parent
+
+
+def _die_with(parent: int) -> None:
+    """Ask Linux to kill this child when its parent dies; leave at once if it already has."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError, ImportError):
+        pass  # not Linux: the walk is short, and a write to a closed pipe ends it
+    if os.getppid() != parent:
+        os._exit(1)
