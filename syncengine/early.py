@@ -25,8 +25,9 @@ Why a fork here is safe:
   its result (an error, an interruption, a command that does not scan)
   kills and reaps it at exit (:func:`discard`, run by atexit).
 
-This module is imported by the CLI before anything else of the library:
-it imports nothing beyond what the interpreter has loaded already.
+This module is imported by the CLI before the command's stack: it
+imports nothing the interpreter has not loaded already, and :func:`start`
+loads only the scanner (the command would), once it knows it forks.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import threading
 
 STATE_DIR = ".syncengine"  # syncengine.paths.STATE_DIR, not imported (see above)
 STAMPS_COPY = "journal.db-stamps"  # Journal.stamps_copy's name
+SCANNED = "journal.db-scanned"  # its mtime: the last scan time the scanner committed (scanner._mark_scanned)
 # Known files (the stamps copy holds ~76 bytes a file at 10,000; its size is read, not the journal) before
 # the early walk pays: below it the walk is a few milliseconds, about a fork and the child's imports.
 EARLY_MIN = 2000
@@ -62,6 +64,15 @@ def start(start_dir: str) -> bool:
     try:
         if os.stat(os.path.join(root, STATE_DIR, STAMPS_COPY)).st_size < COPY_BYTES_MIN:
             return False
+        os.stat(os.path.join(root, STATE_DIR, SCANNED))  # the child's racy bound (scanner.walk_ahead)
+    except OSError:
+        return False
+    # Imported before the fork, so the child does not import it again: its ~16 ms of imports came on
+    # top of the walk, and beside another busy process (two cores) they slowed the parent's own.
+    # The command imports it anyway, later; no SQLite connection and no lock come with it.
+    from syncengine import scanner
+
+    try:
         rfd, wfd = os.pipe()
     except OSError:
         return False
@@ -79,8 +90,6 @@ def start(start_dir: str) -> bool:
             os.closerange(3, wfd)
             os.closerange(wfd + 1, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 1 << 16)
             _die_with(parent)
-            from syncengine import scanner  # here, on the second core: the parent imports its own copy meanwhile
-
             view = memoryview(marshal.dumps(scanner.walk_ahead(root)))
             while view:
                 view = view[os.write(wfd, view):]

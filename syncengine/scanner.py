@@ -669,6 +669,7 @@ def scan(
             with journal.writing():
                 journal.record_local(changes, restamps)  # carries the stamps copy across (Journal.record_local)
                 journal.update_state(last_scan_ns=started_ns)
+            _mark_scanned(journal.path, started_ns)
     finally:
         journal.drop_stamps()
     return report
@@ -682,13 +683,17 @@ def walk_ahead(root: str) -> tuple | None:
 
     It reads only the stamps copy (as Journal.local_stamps does, crc and
     all, but never the journal itself), .syncignore and the tree. It cannot
-    know the journal's last scan time, so it takes for its racy bound
-    RACY_NS before the newest stamp's mtime, and sends the files it found
-    equal to their stamp but racy by it apart, with their stamps: the scan
-    drops those its own bound finds settled (:func:`_taken`), and refuses
-    the walk if its bound is lower (:func:`_early_reject`). None when there
+    read the journal's last scan time, so its racy bound comes from the
+    marker :func:`_mark_scanned` leaves (none, no walk: any bound guessed
+    from the stamps, RACY_NS before the newest one say, would take a whole
+    tree written in one burst for racy, and send it all), and it sends the
+    files it found equal to their stamp but racy by it apart, with their
+    stamps: the scan drops those its own bound finds settled
+    (:func:`_taken`), and refuses the walk if its bound is lower
+    (:func:`_early_reject`); a marker out of step only costs that. None when there
     is no valid copy (the scan reads the rows, and writes the copy for the
-    next process) or the ignore rules need pathspec's ordered answer.
+    next process), no marker, or the ignore rules need pathspec's ordered
+    answer.
     """
     started_ns = time.time_ns()  # before anything is read: "no commit since" is checked against it
     failpoint("early.walk")  # a test's way to kill the child
@@ -706,7 +711,10 @@ def walk_ahead(root: str) -> tuple | None:
         return None
     if type(token) is not str or type(stamps) is not dict:
         return None
-    racy_after = max((stamp[1] for stamp in stamps.values()), default=0) - RACY_NS
+    try:
+        racy_after = os.stat(os.path.join(root, STATE_DIR, early.SCANNED)).st_mtime_ns - RACY_NS
+    except OSError:
+        return None  # a journal no scan of this version has written to yet: its next writing scan leaves one
     problems: list[ScanProblem] = []
     unreadable: list[str] = []
     changed, vanished, counted = _changed_walk(Path(root), ignore, stamps, racy_after, problems, unreadable)
@@ -785,3 +793,22 @@ def _well_formed(found: object, problems: object, unreadable: object) -> bool:
             and all(type(stamp) is tuple and len(stamp) == 5 for stamp in equal.values())
             and all(stamp is None or (type(stamp) is tuple and len(stamp) == 5) for stamp in changed.values())
             and all(type(p) is tuple and len(p) == 2 for p in problems))
+
+
+def _mark_scanned(journal_path: Path, started_ns: int) -> None:
+    """Leave the scan time just committed as a marker's mtime, for the early walk's racy bound (walk_ahead).
+
+    A hint, never trusted: the scan that takes the walk checks the bound
+    against the journal's own time. Set after the commit, so it is never
+    ahead of the journal's unless a later scan's commit is between the two
+    (then the walk is refused); a failure to set it is ignored.
+    """
+    marker = journal_path.with_name(early.SCANNED)
+    try:
+        os.utime(marker, ns=(started_ns, started_ns))
+    except FileNotFoundError:
+        with contextlib.suppress(OSError):
+            os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+            os.utime(marker, ns=(started_ns, started_ns))
+    except OSError:
+        pass

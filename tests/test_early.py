@@ -257,13 +257,23 @@ def test_a_child_that_dies_is_reaped_and_the_scan_walks_itself(tmp_path: Path):
     assert _status(out)["scan"]["modified"] == ["d0/s0/doc00000.json"]
 
 
-def test_no_child_for_a_small_workspace_nor_with_armed_faults(tmp_path: Path):
+def test_no_child_for_a_small_workspace_nor_with_armed_faults_nor_without_a_scan_time(tmp_path: Path):
     small = tmp_path / "small"
     make_tree(small, {"a.json": "{}\n"})
     Workspace.init(small)[0].close()
     assert _run(small, "status")[2] == []
     root = _workspace(tmp_path / "a")
     assert _run(root, "status", SYNCENGINE_FSFAULT="write:1000:EIO")[2] == []
+    assert _run(root, "status", SYNCENGINE_EARLY="0")[2] == []
+    # No scan time left by a writing scan (a journal older than the marker): no racy bound to walk with.
+    marker = root / ".syncengine" / early.SCANNED
+    marker.unlink()
+    assert _run(root, "status")[2] == []
+    (root / "d0/s0/doc00000.json").write_text('{"edited": 1}\n')
+    assert _run(root, "status")[2] == []  # this scan writes: it leaves the marker
+    assert marker.exists()
+    time.sleep(0.05)
+    assert _run(root, "status")[2] == ["used"]
 
 
 def test_a_stale_copy_or_a_moved_stamp_rejects_the_walk(tmp_path: Path):
