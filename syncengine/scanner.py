@@ -34,6 +34,7 @@ from syncengine.fsops import (
     failpoint,
     faults_armed,
     hash_with_head,
+    trash_dir,
 )
 from syncengine.models import LocalChange, Op, ScanProblem, ScanReport
 from syncengine.paths import STATE_DIR, IgnoreRules
@@ -753,7 +754,11 @@ def _early_reject(ahead: tuple, root: Path, journal: Journal, ignore: IgnoreRule
     the walk passed it is what any walk misses when a change lands just
     behind it (the next scan sees it). Beyond that: no commit reached the
     journal since the child started (journal.db's and its WAL's mtimes are
-    older), so nothing this read sees postdates the walk; the rules it
+    older), so nothing this read sees postdates the walk; no apply set a
+    file aside in the trash, nor had one put back, since then (the child
+    walks without the scan lock: it may have seen the gap of an apply a
+    kill stopped, which opening the journal closed since, and which this
+    scan must not read as a deletion); the rules it
     matched with are this scan's; and every file it counted as unchanged
     has an mtime below this scan's racy bound (the files racy by its own
     bound it sent apart: :func:`_taken`).
@@ -777,6 +782,8 @@ def _early_reject(ahead: tuple, root: Path, journal: Journal, ignore: IgnoreRule
             return "cannot stat the journal"
         if (st.st_size or path == journal.path) and st.st_mtime_ns >= started_ns - EARLY_MARGIN_NS:
             return "the journal was written since the child started"
+    if _set_aside_since(root, started_ns):
+        return "an apply set files aside or had them put back since the child started"
     current = next(journal.execute("SELECT stamps_token FROM sync_state WHERE id = 1"), (None,))[0]
     if current is None or current != token:
         return "the journal's stamps changed since the child read them"
@@ -812,3 +819,16 @@ def _mark_scanned(journal_path: Path, started_ns: int) -> None:
             os.utime(marker, ns=(started_ns, started_ns))
     except OSError:
         pass
+
+
+def _set_aside_since(root: Path, started_ns: int) -> bool:
+    """Whether the trash (fsops.trash_dir) holds anything, or changed since ``started_ns``: an apply's gap."""
+    try:
+        with os.scandir(trash_dir(root)) as entries:
+            if next(entries, None) is not None:
+                return True
+        return os.stat(trash_dir(root)).st_mtime_ns >= started_ns - EARLY_MARGIN_NS
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True

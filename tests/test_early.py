@@ -247,6 +247,24 @@ def test_a_walk_made_under_other_ignore_rules_is_discarded(tmp_path: Path):
     assert _status(out)["scan"]["modified"] == []  # the edit is under a folder now ignored
 
 
+def test_a_walk_that_saw_the_gap_of_a_killed_apply_is_discarded(tmp_path: Path):
+    """A file a killed apply set aside is put back when the journal opens, after the child walked past its gap:
+    the walk is refused, and the file is never read as deleted."""
+    from syncengine.fsops import trash_dir
+
+    root = _workspace(tmp_path / "a")
+    aside = trash_dir(root) / "killed-apply" / "d0/s0/doc00000.json"
+    aside.parent.mkdir(parents=True)
+    os.rename(root / "d0/s0/doc00000.json", aside)
+    time.sleep(0.05)
+    code, out, outcomes = _run(root, "status", "--json")
+    assert code == 0
+    assert outcomes == ["discarded: an apply set files aside or had them put back since the child started"]
+    assert _status(out)["scan"]["deleted"] == [] and (root / "d0/s0/doc00000.json").exists()
+    time.sleep(0.05)
+    assert _run(root, "status")[2] == ["used"]  # the trash is empty and still again
+
+
 def test_a_child_that_dies_is_reaped_and_the_scan_walks_itself(tmp_path: Path):
     root = _workspace(tmp_path / "a")
     (root / "d0/s0/doc00000.json").write_text('{"edited": 1}\n')
