@@ -365,7 +365,7 @@ def detect(
         if ahead is not None:
             why = _early_reject(ahead, root, journal, ignore, racy_after)
             if why is None:
-                walked = _taken(ahead, racy_after, problems, unreadable_dirs)
+                walked = _taken(ahead, problems, unreadable_dirs)
                 if walked[0] or walked[1]:
                     # Only for record_local's carry of the copy (the walk needs no stamps now): the
                     # next process reads it, and its own early walk needs it valid.
@@ -685,16 +685,15 @@ def walk_ahead(root: str) -> tuple | None:
     It reads only the stamps copy (as Journal.local_stamps does, crc and
     all, but never the journal itself), .syncignore and the tree. It cannot
     read the journal's last scan time, so its racy bound comes from the
-    marker :func:`_mark_scanned` leaves (none, no walk: any bound guessed
-    from the stamps, RACY_NS before the newest one say, would take a whole
-    tree written in one burst for racy, and send it all), and it sends the
-    files it found equal to their stamp but racy by it apart, with their
-    stamps: the scan drops those its own bound finds settled
-    (:func:`_taken`), and refuses the walk if its bound is lower
-    (:func:`_early_reject`); a marker out of step only costs that. None when there
-    is no valid copy (the scan reads the rows, and writes the copy for the
-    next process), no marker, or the ignore rules need pathspec's ordered
-    answer.
+    marker :func:`_mark_scanned` leaves, and the scan refuses the walk
+    unless that is its own bound (:func:`_early_reject`): a marker out of
+    step (left by a scan before a crash, or none by an older syncengine)
+    only costs the walk. None, no walk, without a marker: a bound guessed
+    from the stamps (RACY_NS before the newest one, say) takes a whole tree
+    written in one burst for racy, and sent it all (50k no-op +110 ms);
+    none either without a valid copy (the scan reads the rows, and writes
+    the copy for the next process) or when the ignore rules need
+    pathspec's ordered answer.
     """
     started_ns = time.time_ns()  # before anything is read: "no commit since" is checked against it
     failpoint("early.walk")  # a test's way to kill the child
@@ -719,25 +718,14 @@ def walk_ahead(root: str) -> tuple | None:
     problems: list[ScanProblem] = []
     unreadable: list[str] = []
     changed, vanished, counted = _changed_walk(Path(root), ignore, stamps, racy_after, problems, unreadable)
-    equal = {rel: stamp for rel, stamp in changed.items() if stamp is not None and stamps.get(rel) == stamp}
-    for rel in equal:
-        del changed[rel]
-    return ("walk-ahead", root, token, started_ns, racy_after, pattern,
-            (changed, equal, list(vanished), counted, len(stamps)),
+    return ("walk-ahead", root, token, started_ns, racy_after, pattern, (changed, list(vanished), counted, len(stamps)),
             [(p.path, p.reason) for p in problems], unreadable, None)
 
 
-def _taken(ahead: tuple, racy_after: int, problems: list[ScanProblem], unreadable_dirs: list[str]
+def _taken(ahead: tuple, problems: list[ScanProblem], unreadable_dirs: list[str]
            ) -> tuple[dict[str, Stamp | None], set[str], int, int]:
-    """The early walk as :func:`_changed_walk`'s answer for this scan's racy bound, and the known files' count.
-
-    A file it found equal to the journal's stamp (the stamps it compared
-    with are the journal's: :func:`_early_reject`) is racy only if its
-    mtime is at or above this scan's bound; otherwise it is counted and
-    settled, as this scan's own walk would have left it.
-    """
-    changed, equal, vanished, counted, known = ahead[6]
-    changed.update((rel, stamp) for rel, stamp in equal.items() if stamp[1] >= racy_after)
+    """The early walk as :func:`_changed_walk`'s answer, and the known files' count."""
+    changed, vanished, counted, known = ahead[6]
     problems.extend(ScanProblem(path, reason) for path, reason in ahead[7])
     unreadable_dirs.extend(ahead[8])
     return changed, set(vanished), counted, known
@@ -759,9 +747,7 @@ def _early_reject(ahead: tuple, root: Path, journal: Journal, ignore: IgnoreRule
     walks without the scan lock: it may have seen the gap of an apply a
     kill stopped, which opening the journal closed since, and which this
     scan must not read as a deletion); the rules it
-    matched with are this scan's; and every file it counted as unchanged
-    has an mtime below this scan's racy bound (the files racy by its own
-    bound it sent apart: :func:`_taken`).
+    matched with are this scan's, and so is its racy bound.
     """
     _tag, walked, token, started_ns, child_racy, pattern, found, found_problems, found_unreadable, _ = ahead
     if not _well_formed(found, found_problems, found_unreadable) or type(started_ns) is not int \
@@ -769,8 +755,6 @@ def _early_reject(ahead: tuple, root: Path, journal: Journal, ignore: IgnoreRule
         return "the child's walk is malformed"
     if walked != os.fspath(root):
         return "another root"
-    if child_racy > racy_after:
-        return "its racy bound is above the scan's"
     if pattern != ignore.pattern():
         return "the ignore rules changed"
     for path in (journal.path, journal.path.with_name(journal.path.name + "-wal")):
@@ -784,6 +768,8 @@ def _early_reject(ahead: tuple, root: Path, journal: Journal, ignore: IgnoreRule
             return "the journal was written since the child started"
     if _set_aside_since(root, started_ns):
         return "an apply set files aside or had them put back since the child started"
+    if child_racy != racy_after:
+        return "its racy bound is not the scan's"
     current = next(journal.execute("SELECT stamps_token FROM sync_state WHERE id = 1"), (None,))[0]
     if current is None or current != token:
         return "the journal's stamps changed since the child read them"
@@ -792,12 +778,10 @@ def _early_reject(ahead: tuple, root: Path, journal: Journal, ignore: IgnoreRule
 
 def _well_formed(found: object, problems: object, unreadable: object) -> bool:
     """Whether the child's walk has the shape :func:`walk_ahead` gives (marshal keeps types, so a check is cheap)."""
-    if type(found) is not tuple or len(found) != 5 or type(problems) is not list or type(unreadable) is not list:
+    if type(found) is not tuple or len(found) != 4 or type(problems) is not list or type(unreadable) is not list:
         return False
-    changed, equal, vanished, counted, known = found
-    return (type(changed) is dict and type(equal) is dict and type(vanished) is list and type(counted) is int
-            and type(known) is int
-            and all(type(stamp) is tuple and len(stamp) == 5 for stamp in equal.values())
+    changed, vanished, counted, known = found
+    return (type(changed) is dict and type(vanished) is list and type(counted) is int and type(known) is int
             and all(stamp is None or (type(stamp) is tuple and len(stamp) == 5) for stamp in changed.values())
             and all(type(p) is tuple and len(p) == 2 for p in problems))
 

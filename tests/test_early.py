@@ -111,6 +111,34 @@ def test_a_status_takes_the_early_walk_and_finds_what_a_walk_would(tmp_path: Pat
     assert _journaled(mine) == _journaled(plain)
 
 
+def test_a_sync_with_the_early_walk_pushes_what_one_without_it_pushes(kit, shared_server):
+    """Twin replicas on two server workspaces, the same edits: the same round, and the same server state."""
+    from tests.synckit import Kit
+
+    twin = Kit(kit.tmp / "twin", shared_server)
+    replicas = [kit.replica(_tree()), twin.replica(_tree())]
+    for replica in replicas:
+        backdate(replica.root)
+        replica.sync()
+        replica.status()  # this process's round left the stamps copy stale
+        _edit(replica.root)
+    time.sleep(0.05)
+    code, out, outcomes = _run(replicas[0].root, "sync", "--json")
+    assert code == 0 and outcomes == ["used"]
+    code, plain_out, plain_outcomes = _run(replicas[1].root, "sync", "--json", SYNCENGINE_EARLY="0")
+    assert code == 0 and plain_outcomes == []
+    mine, plain = json.loads(out), json.loads(plain_out)
+    for key in ("pushed", "deleted", "moved", "downloaded", "problems"):
+        assert mine[key] == plain[key], key
+    assert sorted(mine["pushed"]) == ["d0/s0/doc00000.json", "d1/s1/doc00001.json", "d2/moved.json", "d3/new.json",
+                                      "d5/s2/doc00005.json"]
+    assert _server_paths(kit) == _server_paths(twin)
+
+
+def _server_paths(kit) -> list[tuple]:
+    return sorted((c.path, c.hash or "", c.deleted, c.executable) for c in kit.log())
+
+
 def test_an_unreadable_folder_is_reported_and_its_files_kept_as_by_a_plain_walk(request: pytest.FixtureRequest):
     """A folder the walk cannot search: its files are problems, never deletions, early walk or not.
 
@@ -309,9 +337,9 @@ def test_a_stale_copy_or_a_moved_stamp_rejects_the_walk(tmp_path: Path):
             stale = (*ahead[:2], "0123456789abcdef", *ahead[3:])
             assert scanner._early_reject(stale, root, journal, ws.ignore, racy) \
                 == "the journal's stamps changed since the child read them"
-            assert scanner._early_reject(ahead, root, journal, ws.ignore, ahead[4] - 1) \
-                == "its racy bound is above the scan's"
-            broken = (*ahead[:6], ({}, {}, [], 0), *ahead[7:])
+            assert scanner._early_reject(ahead, root, journal, ws.ignore, racy - 1) \
+                == "its racy bound is not the scan's"
+            broken = (*ahead[:6], ({}, [], 0), *ahead[7:])
             assert scanner._early_reject(broken, root, journal, ws.ignore, racy) == "the child's walk is malformed"
 
 
