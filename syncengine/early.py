@@ -42,10 +42,12 @@ import threading
 STATE_DIR = ".syncengine"  # syncengine.paths.STATE_DIR, not imported (see above)
 STAMPS_COPY = "journal.db-stamps"  # Journal.stamps_copy's name
 SCANNED = "journal.db-scanned"  # its mtime: the last scan time the scanner committed (scanner._mark_scanned)
-# Known files (the stamps copy holds ~76 bytes a file at 10,000; its size is read, not the journal) before
-# the early walk pays: below it the walk is a few milliseconds, about a fork and the child's imports.
-EARLY_MIN = 2000
-COPY_BYTES_MIN = EARLY_MIN * 40  # a short path's entry is ~40 bytes: the bound errs towards forking
+# How big the stamps copy (its size is read, not the journal) must be before the early walk pays: ~4,000
+# files of the bench's short paths (76 bytes an entry), fewer with longer ones. Measured on two cores
+# (medians of alternating fresh no-op syncs, with and without it): 10,000 files -28 ms, while at 2,000
+# the walk (~7 ms) hardly outweighs the fork, its copy-on-write faults (~1,500 more in this process) and
+# the child's ~13 ms of CPU, which a busy second core turns into a loss (+6 ms).
+COPY_BYTES_MIN = 300_000
 TRACE = "SYNCENGINE_TRACE_EARLY"  # set: each outcome is written to stderr (tests observe it there)
 SWITCH = "SYNCENGINE_EARLY"  # "0": never (to compare, or to rule it out)
 

@@ -25,11 +25,13 @@ from tests.helpers import REPO, cli_env
 
 pytestmark = pytest.mark.integration
 
-FILES = early.EARLY_MIN + 100
+FILES = early.COPY_BYTES_MIN // 90 + 100  # a stamps copy big enough (~100 bytes an entry with these names)
 
 
 def _tree() -> dict[str, str]:
-    return {f"d{i % 7}/s{i % 3}/doc{i:05d}.json": f'{{"n": {i}, "pad": "{"x" * (i % 50)}"}}\n' for i in range(FILES)}
+    names = {i: f"doc{i:05d}.json" for i in (0, 1, 2, 5)}  # the files _edit changes
+    return {f"d{i % 7}/s{i % 3}/{names.get(i, f'a-document-with-a-longer-name-{i:05d}.json')}":
+            f'{{"n": {i}, "pad": "{"x" * (i % 50)}"}}\n' for i in range(FILES)}
 
 
 def _workspace(root: Path) -> Path:
@@ -347,8 +349,8 @@ def test_the_child_never_outlives_a_killed_parent(tmp_path: Path):
     """SIGKILL the parent while it waits for a lock: its child, waiting to hand its walk over, dies with it."""
     root = _workspace(tmp_path / "a")
     # Enough changes that the child's answer fills the pipe: it waits for the parent to read it.
-    for i in range(0, FILES, 2):
-        (root / f"d{i % 7}/s{i % 3}/doc{i:05d}.json").write_text("{}\n")
+    for rel in list(_tree())[::2]:
+        (root / rel).write_text("{}\n")
     with FileLock(root / ".syncengine" / "scan.lock", "scan").acquire(timeout=0):
         proc = _start(root, "status")
         time.sleep(1.0)
