@@ -33,6 +33,7 @@ loads only the scanner (the command would), once it knows it forks.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import marshal
 import os
 import signal
@@ -49,6 +50,7 @@ SCANNED = "journal.db-scanned"  # its mtime: the last scan time the scanner comm
 # the child's ~13 ms of CPU, which a busy second core turns into a loss (+6 ms).
 COPY_BYTES_MIN = 300_000
 TRACE = "SYNCENGINE_TRACE_EARLY"  # set: each outcome is written to stderr (tests observe it there)
+EARLY_NICE = 10  # the child's niceness, added to the parent's
 SWITCH = "SYNCENGINE_EARLY"  # "0": never (to compare, or to rule it out)
 
 _pending: tuple[int, int, str] | None = None  # the child's pid, its pipe's read end, the root it walks
@@ -92,6 +94,10 @@ def start(start_dir: str) -> bool:
             os.closerange(3, wfd)
             os.closerange(wfd + 1, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 1 << 16)
             _die_with(parent)
+            with contextlib.suppress(OSError):
+                # Beside a busy second core, the parent's imports come first: the walk then waits
+                # for them instead of slowing them, and costs about what the parent's own would.
+                os.nice(EARLY_NICE)
             view = memoryview(marshal.dumps(scanner.walk_ahead(root)))
             while view:
                 view = view[os.write(wfd, view):]
