@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 from pathlib import Path
@@ -221,17 +222,39 @@ def test_the_unsettled_documents_are_read_through_their_partial_index(tmp_path: 
         journal.close()
 
 
-def test_the_journal_is_read_through_a_memory_map(tmp_path: Path):
-    """Every scan reads every document's stamps; through a map a fresh process reads the table's pages without
-    a pread each. Writes still go through the WAL, synchronous=FULL."""
+def test_the_journal_is_read_through_a_memory_map_only_for_whole_table_reads(tmp_path: Path):
+    """A read of every document's stamps or index goes through a map (no pread per page in a fresh process);
+    other reads and every write do not (SQLite preads a page it changes after faulting it in). Writes go
+    through the WAL, synchronous=FULL."""
     from syncengine.journal import Journal
     from syncengine.journal.api import JOURNAL_MMAP
+    from syncengine.models import Kind, LocalChange, Op
 
     journal = Journal.open(tmp_path / "journal.db")
     try:
-        assert journal.db.execute_sql("PRAGMA mmap_size").fetchone()[0] == JOURNAL_MMAP > 0
+        assert journal.db.execute_sql("PRAGMA mmap_size").fetchone()[0] == 0
         assert journal.db.execute_sql("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert journal.db.execute_sql("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        journal.record_local([LocalChange(Op.CREATED, f"d/{i}.txt", hash=f"{i}" * 64, size=3, mtime_ns=i,
+                                          ctime_ns=i, inode=i, mode=0o644, kind=Kind.TEXT) for i in range(3)])
+        seen: list[int] = []
+        real = journal.db.execute_sql
+
+        def watching(sql, *args, **kwargs):
+            if "FROM document" in sql.replace('"', ''):
+                seen.append(real("PRAGMA mmap_size").fetchone()[0])
+            return real(sql, *args, **kwargs)
+
+        journal.db.execute_sql = watching
+        journal.drop_stamps()
+        with contextlib.suppress(FileNotFoundError):
+            journal.stamps_copy.unlink()
+        with journal.reading():
+            assert len(journal.local_stamps()) == 3
+        assert len(journal.local_index()) == 3
+        assert seen == [JOURNAL_MMAP, JOURNAL_MMAP]
+        assert len(journal.local_index(["d/1.txt"])) == 1
+        assert seen[2:] == [0] and real("PRAGMA mmap_size").fetchone()[0] == 0
     finally:
         journal.close()
 

@@ -79,10 +79,61 @@ def test_a_first_push_costs_a_commit_per_100_and_a_pack_per_1000(kit: Kit, proxy
     log = kit.log()
     assert len(log) == N
     no_duplicate_revisions(log)
-    for i in range(300):  # a second push: one wave, which asks first
-        a.write(f"more/doc{i:05d}.json", json.dumps({"more": i}) + "\n")
+    for i in range(300):  # a second push: one wave, over BLIND_BYTES, which asks first
+        a.write(f"more/doc{i:05d}.json", json.dumps({"more": i, "noise": random.randbytes(1200).hex()}) + "\n")
     assert len(a.sync().pushed) == 300
     assert proxy.calls("POST", "/blobs/missing") == 1 and proxy.calls("POST", "/blobs/pack") == 6
+
+
+def test_a_small_push_sends_its_blobs_without_asking_which_the_server_lacks(kit: Kit, proxy: FaultProxy):
+    """Edits, a creation, a move and a deletion within BLIND_BYTES: one pack, no ``missing`` call, one commit.
+
+    The move's blob is on the server already: it goes in the pack all the
+    same, and the server keeps its own copy. The other replica gets it all.
+    """
+    files = _files(40)
+    a = kit.replica(files, url=proxy.url)
+    assert len(a.sync().pushed) == 40
+    b = kit.replica({}, url=proxy.url)
+    b.sync()
+    missing, packs, commits = (proxy.calls("POST", "/blobs/missing"), proxy.calls("POST", "/blobs/pack"),
+                               proxy.calls("POST", "/commit"))
+    paths = sorted(files)
+    for path in paths[:10]:
+        a.write(path, json.dumps({"edited": path}) + "\n")
+    a.write("new/one.json", json.dumps({"new": 1}) + "\n")
+    a.move(paths[10], "moved/here.json")
+    a.delete(paths[11])
+    report = a.sync()
+    assert len(report.pushed) == 13 and not report.problems
+    assert proxy.calls("POST", "/blobs/missing") == missing
+    assert (proxy.calls("POST", "/blobs/pack"), proxy.calls("POST", "/commit")) == (packs + 1, commits + 1)
+    b.sync()
+    assert b.tree() == a.tree()
+    no_duplicate_revisions(kit.log())
+
+
+def test_a_push_over_blind_bytes_asks_first_and_sends_only_what_is_lacking(kit: Kit, proxy: FaultProxy,
+                                                                          monkeypatch: pytest.MonkeyPatch):
+    """With BLIND_BYTES lowered under the wave, the push asks, and the pack holds only the new blobs."""
+    from syncengine import push
+
+    a = kit.replica(_files(40), url=proxy.url)
+    a.sync()
+    monkeypatch.setattr(push, "BLIND_BYTES", 0)
+    missing = proxy.calls("POST", "/blobs/missing")
+    a.write("new/one.json", json.dumps({"new": 1, "text": "x" * 300}) + "\n")
+    a.write("new/two.json", json.dumps({"new": 2, "text": "y" * 300}) + "\n")
+    a.move("d0/doc00000.json", "moved/zero.json")
+    start = len(proxy.received)
+    assert len(a.sync().pushed) == 3
+    assert proxy.calls("POST", "/blobs/missing") == missing + 1
+    sent: list[str] = []
+    for method, path, headers, body in proxy.received[start:]:
+        if method == "POST" and path.endswith("/blobs/pack"):
+            plain = _plain(headers, body)
+            sent += [entry.hash for entry in p.PackHeader.decode(plain[:plain.index(b"\n")]).blobs]
+    assert len(sent) == 2  # the moved file's blob is on the server: not sent
 
 
 @pytest.mark.parametrize("status,code", [(503, 3), (401, 4)])
