@@ -166,6 +166,7 @@ def test_status_and_sync_json_import_only_their_own_stack(tmp_path: Path, kit):
     assert not modules & {"syncengine.blobs", "syncengine.durable", "ctypes", "syncengine.protocol"}
     # Its values (syncengine.views), not those of log, diff, restore, repair and events (5 dataclasses, ~2 ms).
     assert "syncengine.views" in modules and "syncengine.reports" not in modules
+    assert "subprocess" not in modules  # the daemon's state is read from files: only starting it spawns
 
 
 def test_a_round_that_only_pushes_does_not_load_the_apply_stack(tmp_path: Path, kit):
