@@ -103,16 +103,6 @@ class ConflictInfo:
 
 
 @dataclass(frozen=True, slots=True)
-class FieldChange:
-    """A field-level difference in a structured document (from deepdiff)."""
-
-    path: str  # dotted/bracketed path such as zones[id=z1].text
-    change: str  # added | removed | changed
-    old: Any = None
-    new: Any = None
-
-
-@dataclass(frozen=True, slots=True)
 class InitReport:
     """What `init` did: a new workspace, or one already there (`created` False), and its server."""
 
@@ -192,4 +182,9 @@ def __getattr__(name: str) -> Any:
         value = getattr(views, name)
         globals()[name] = value
         return value
+    if name == "FieldChange":  # made by syncengine.docdiff alone, which a diff or a merge loads (with deepdiff)
+        from syncengine.docdiff import FieldChange
+
+        globals()[name] = FieldChange
+        return FieldChange
     raise AttributeError(f"module 'syncengine.models' has no attribute {name!r}")

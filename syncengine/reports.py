@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from syncengine.models import FieldChange, Kind, Op
+    from syncengine.docdiff import FieldChange
+    from syncengine.models import Kind, Op
 
 
 @dataclass(frozen=True, slots=True)

@@ -112,9 +112,9 @@ def test_loading_commands_in_a_process_leaves_its_collector_alone():
 
 
 # The modules of values a command creates at import (dataclasses), in this file's sense of start-up cost.
-VALUE_MODULES = ("syncengine.models", "syncengine.views", "syncengine.reports", "syncengine.config", "syncengine.protocol",
-                 "syncengine.exchange", "syncengine.remote", "syncengine.reconcile", "syncengine.conflicts",
-                 "syncengine.rules", "syncengine.chunked")
+VALUE_MODULES = ("syncengine.models", "syncengine.views", "syncengine.reports", "syncengine.config",
+                 "syncengine.protocol", "syncengine.exchange", "syncengine.remote", "syncengine.reconcile",
+                 "syncengine.conflicts", "syncengine.rules", "syncengine.chunked", "syncengine.docdiff")
 
 
 @pytest.mark.parametrize("name", VALUE_MODULES)
@@ -129,6 +129,27 @@ def test_every_dataclass_of_a_command_has_its_own_docstring(name: str):
             and value.__module__ == name]
     assert made
     assert not [cls.__name__ for cls in made if (cls.__doc__ or "").startswith(f"{cls.__name__}(")]
+
+
+def dataclasses_made(modules: set[str]) -> set[str]:
+    """The dataclasses the project's modules among ``modules`` create when imported (module.Class)."""
+    import dataclasses
+    import importlib
+
+    made = set()
+    for name in sorted(m for m in modules if m.split(".")[0] in ("syncengine", "cli")):
+        for value in vars(importlib.import_module(name)).values():
+            if isinstance(value, type) and dataclasses.is_dataclass(value) and value.__module__ == name:
+                made.add(f"{name}.{value.__name__}")
+    return made
+
+
+# The dataclasses a process creates before it does anything (~0.35-1 ms each, mostly compiling their generated
+# methods): what a `status` and a no-op `sync` may create at most, and some they did once and need not.
+STATUS_DATACLASSES = 24
+NO_OP_SYNC_DATACLASSES = 32
+NOT_CREATED = {"syncengine.protocol.Health", "syncengine.exchange.Health", "syncengine.models.FieldChange",
+               "syncengine.docdiff.FieldChange", "syncengine.reports.LogEntry", "syncengine.reports.Event"}
 
 
 def _tops(modules: set[str]) -> set[str]:
@@ -167,6 +188,8 @@ def test_status_and_sync_json_import_only_their_own_stack(tmp_path: Path, kit):
     # Its values (syncengine.views), not those of log, diff, restore, repair and events (5 dataclasses, ~2 ms).
     assert "syncengine.views" in modules and "syncengine.reports" not in modules
     assert "subprocess" not in modules  # the daemon's state is read from files: only starting it spawns
+    made = dataclasses_made(modules)
+    assert len(made) <= STATUS_DATACLASSES and not made & NOT_CREATED, sorted(made)
 
 
 def test_a_round_that_only_pushes_does_not_load_the_apply_stack(tmp_path: Path, kit):
@@ -265,6 +288,8 @@ def test_a_no_op_sync_writes_nothing_durable_and_still_records_its_time(tmp_path
     assert not _tops(modules) & {*NEVER_FOR_A_CLIENT, "pathspec"}  # a person's one line on a pipe: no rich
     # Nothing to apply nor push: the apply, push and history stacks stay unloaded.
     assert not modules & set(NOT_FOR_A_NO_OP), sorted(modules & set(NOT_FOR_A_NO_OP))
+    made = dataclasses_made(modules)
+    assert len(made) <= NO_OP_SYNC_DATACLASSES and not made & NOT_CREATED, sorted(made)
     assert _state_files(replica.root) == before
     assert replica.rows("SELECT last_seq, last_sync_at FROM sync_state") == stored
     shown = replica.status().sync.last_sync_at
