@@ -6,7 +6,8 @@ apart so that a scan or a sync round, which uses none of them, does not
 create them: each frozen dataclass costs 0.35-1 ms of every process start.
 What log, diff, restore, repair and `events` show is in
 :mod:`syncengine.reports` (named here too, loaded on first use): `status`,
-the most frequent of these commands, shows none of it.
+the most frequent of these commands, shows none of it. They are shown,
+never compared whole (``eq=False``, as the reports in models).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
     from syncengine.models import ConflictInfo, Op, ScanProblem, ScanReport
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class SnapshotInfo:
     """One snapshot as `snapshots` and `status` list it."""
 
@@ -31,7 +32,7 @@ class SnapshotInfo:
     changed: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class PendingCounts:
     """Local changes not yet synced, by kind (the headline of `status`)."""
 
@@ -45,7 +46,7 @@ class PendingCounts:
         return self.created + self.modified + self.deleted + self.moved
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class PendingItem:
     """One local change not yet synced, as `status` lists it."""
 
@@ -54,7 +55,7 @@ class PendingItem:
     old_path: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class TaskInfo:
     """A task and its progress (syncengine.progress), as `status` shows it."""
 
@@ -69,7 +70,7 @@ class TaskInfo:
     updated_at: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class DaemonInfo:
     """The daemon as `status` and `daemon status` show it."""
 
@@ -87,7 +88,7 @@ class DaemonInfo:
     log: str | None = None  # path of daemon.log
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class SyncInfo:
     """The last sync and why syncing may be stalled, from the journal (the sync part of `status`)."""
 
@@ -101,7 +102,7 @@ class SyncInfo:
     stalled: str | None = None  # why syncing looks stalled, or None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Status:
     """Everything `status` shows: a scan of pending changes, conflicts, snapshots, the last sync, the daemon."""
 
