@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from syncengine.conflicts import STRATEGIES
+from syncengine.config import STRATEGIES
 from syncengine.errors import UsageError
 from syncengine.fieldpaths import segments
 from syncengine.paths import RULES_FILE

@@ -27,11 +27,11 @@ NEVER_FOR_A_CLIENT = ("fastapi", "uvicorn", "starlette", "psycopg2", "watchdog",
 # the values other commands show (syncengine.views: 13 dataclasses, ~10 ms to create), the merge stack
 # (merge, merge_text, merge3), which only a conflict or a .syncrules with field rules needs, and the wire
 # messages that move content (syncengine.exchange: 13 dataclasses, ~7 ms), with the download's thread pool and
-# the upload's gzip.
+# the upload's gzip; the strategies' module (a round settles nothing) and .syncrules' (a workspace without one).
 NOT_FOR_A_NO_OP = ("syncengine.apply", "syncengine.applier", "syncengine.staging", "syncengine.push",
                    "syncengine.history", "syncengine.blobs", "syncengine.chunkindex", "syncengine.durable",
                    "syncengine.views", "syncengine.merge", "syncengine.merge_text", "merge3", "syncengine.exchange",
-                   "concurrent.futures", "gzip")
+                   "concurrent.futures", "gzip", "syncengine.conflicts", "syncengine.rules")
 COMMAND_MODULES = ("cli.workspace_cmds", "cli.sync_cmds", "cli.history", "cli.conflict_cmds", "cli.server_cmds",
                    "cli.daemon_cmds")
 
@@ -171,7 +171,7 @@ def dataclasses_made(modules: set[str]) -> set[str]:
 # The dataclasses a process creates before it does anything (~0.35-1 ms each, mostly compiling their generated
 # methods): what a `status` and a no-op `sync` may create at most, and some they did once and need not.
 STATUS_DATACLASSES = 24
-NO_OP_SYNC_DATACLASSES = 32
+NO_OP_SYNC_DATACLASSES = 29
 NOT_CREATED = {"syncengine.protocol.Health", "syncengine.exchange.Health", "syncengine.models.FieldChange",
                "syncengine.docdiff.FieldChange", "syncengine.reports.LogEntry", "syncengine.reports.Event"}
 
