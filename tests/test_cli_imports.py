@@ -212,6 +212,7 @@ def test_status_and_sync_json_import_only_their_own_stack(tmp_path: Path, kit):
     # Its values (syncengine.views), not those of log, diff, restore, repair and events (5 dataclasses, ~2 ms).
     assert "syncengine.views" in modules and "syncengine.reports" not in modules
     assert "subprocess" not in modules  # the daemon's state is read from files: only starting it spawns
+    assert not modules & {"secrets", "random", "hmac"}  # fsops' temp names: os.urandom, as secrets would
     made = dataclasses_made(modules)
     assert len(made) <= STATUS_DATACLASSES and not made & NOT_CREATED, sorted(made)
 
