@@ -25,7 +25,6 @@ import contextlib
 import errno as errno_mod
 import hashlib
 import os
-import shutil
 import stat as stat_mod
 import threading
 from collections.abc import Iterable, Iterator
@@ -438,6 +437,8 @@ def recover_trash(root: Path) -> int:
                     ensure_parent(root, rel)
                     os.rename(aside, target)
                     restored += 1
+        import shutil  # not at import: it loads bz2, lzma and zlib (~2 ms of a `status`), for a rare recovery
+
         with contextlib.suppress(OSError):
             shutil.rmtree(token_dir)
     return restored

@@ -213,6 +213,7 @@ def test_status_and_sync_json_import_only_their_own_stack(tmp_path: Path, kit):
     assert "syncengine.views" in modules and "syncengine.reports" not in modules
     assert "subprocess" not in modules  # the daemon's state is read from files: only starting it spawns
     assert not modules & {"secrets", "random", "hmac"}  # fsops' temp names: os.urandom, as secrets would
+    assert not modules & {"shutil", "bz2", "lzma"}  # only a repair or a trash recovery moves or removes trees
     made = dataclasses_made(modules)
     assert len(made) <= STATUS_DATACLASSES and not made & NOT_CREATED, sorted(made)
 
