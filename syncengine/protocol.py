@@ -222,7 +222,7 @@ def _lists(value: Any) -> Any:
 # ---------------------------------------------------------------- messages
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # a report, never compared whole: no __eq__/__hash__ to create
 class RejectedItem:
     """An item of a server answer the client refused (client side only, never on the wire)."""
 

@@ -136,7 +136,8 @@ SHOWN_NOT_COMPARED = ("syncengine.models.ScanReport", "syncengine.models.Conflic
                       "syncengine.models.PlannedAction", "syncengine.models.SyncReport", "syncengine.views.Status",
                       "syncengine.views.SnapshotInfo", "syncengine.views.PendingCounts", "syncengine.views.PendingItem",
                       "syncengine.views.TaskInfo", "syncengine.views.DaemonInfo", "syncengine.views.SyncInfo",
-                      "syncengine.conflicts.Outcome", "syncengine.rules.Rule", "syncengine.rules.Rules")
+                      "syncengine.conflicts.Outcome", "syncengine.rules.Rule", "syncengine.rules.Rules",
+                      "syncengine.protocol.RejectedItem")
 
 
 def test_values_only_shown_are_created_without_eq():
