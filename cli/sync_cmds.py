@@ -14,7 +14,7 @@ from cli.workspace_cmds import open_workspace
 # The round's own stack (the HTTP client included), imported with the command rather than by the engine's first
 # call: inside start-up's pause of the collector (cli.main), and frozen after it.
 from syncengine import sync as _round  # noqa: F401
-from syncengine.conflicts import STRATEGIES
+from syncengine.config import STRATEGIES
 from syncengine.models import SyncReport
 
 if TYPE_CHECKING:

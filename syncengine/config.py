@@ -15,6 +15,16 @@ from typing import Any
 
 from syncengine.errors import UsageError
 
+# The conflict strategies `sync.strategy`, --strategy and .syncrules may name. Here rather than in
+# syncengine.conflicts (which still names them), which only a round with something to settle needs.
+STRATEGIES = ("merge", "keep-both", "local", "remote", "newest", "manual")
+
+
+def check_strategy(name: str) -> str:
+    if name not in STRATEGIES:
+        raise UsageError(f"unknown strategy {name!r} (choose from {', '.join(STRATEGIES)})")
+    return name
+
 
 @dataclass
 class ServerConfig:

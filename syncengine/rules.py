@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from syncengine.conflicts import STRATEGIES
+from syncengine.config import STRATEGIES
 from syncengine.errors import UsageError
 from syncengine.fieldpaths import segments
 from syncengine.paths import RULES_FILE
@@ -37,7 +37,8 @@ KINDS = ("both-modified", "both-created", "both-moved")
 _RULE_KEYS = {"path", "kind", "strategy", "fields"}
 
 
-@dataclass(frozen=True)
+# eq=False (both): read field by field, never compared whole; every `sync` loads this module to look for the file
+@dataclass(frozen=True, eq=False)
 class Rule:
     """One ``[[rule]]``: where it applies (globs, kinds) and what it picks."""
 
@@ -54,7 +55,7 @@ class Rule:
         return self._spec is None or self._spec.match_file(path)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Rules:
     """A parsed ``.syncrules``: a default strategy and an ordered list of rules."""
 

@@ -22,12 +22,13 @@ from typing import TYPE_CHECKING
 
 from syncengine import leftovers, scanner
 from syncengine import pull as pulling
-from syncengine.conflicts import check_strategy
+from syncengine.config import check_strategy
 from syncengine.errors import MassDeleteGuard, RootMissing, SyncEngineError
 from syncengine.fsops import failpoint
 from syncengine.journal import DocRow, Journal
 from syncengine.locks import FileLock
 from syncengine.models import PlannedAction, ScanProblem, SyncReport
+from syncengine.paths import RULES_FILE
 from syncengine.reconcile import FIRST_PUSH, LOCAL_WORK, Action, Do, reconcile, versions
 from syncengine.remote import Remote
 
@@ -99,10 +100,13 @@ def _strategy_lookup(ws: Workspace, override: str | None) -> Callable[..., tuple
     """
     default = check_strategy(override or ws.config.sync.strategy)
     rules = None
-    with contextlib.suppress(ImportError):
-        from syncengine import rules as rules_mod
+    # The rules' module (~0.8 ms of imports) only where there may be a file: lexists, so that a dangling or
+    # looping link still goes to load(), which reports what it finds.
+    if os.path.lexists(ws.root / RULES_FILE):
+        with contextlib.suppress(ImportError):
+            from syncengine import rules as rules_mod
 
-        rules = rules_mod.load(ws.root)
+            rules = rules_mod.load(ws.root)
     if rules is None or override:
         return lambda path, kind=None: (default, None)
 

@@ -1,21 +1,25 @@
-"""What the commands other than init and sync show: status, log, diff, restore, repair, the daemon's state.
+"""What `status` and `daemon status` show: pending changes, the last snapshot and sync, the daemon's state.
 
 Plain values like those of :mod:`syncengine.models` (frozen dataclasses,
 rendered by the CLI and by :func:`syncengine.models.to_jsonable`), kept
 apart so that a scan or a sync round, which uses none of them, does not
-create them: each frozen dataclass costs 0.5-1 ms of every process start.
+create them: each frozen dataclass costs 0.35-1 ms of every process start.
+What log, diff, restore, repair and `events` show is in
+:mod:`syncengine.reports` (named here too, loaded on first use): `status`,
+the most frequent of these commands, shows none of it. They are shown,
+never compared whole (``eq=False``, as the reports in models).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from syncengine.models import ConflictInfo, FieldChange, Kind, Op, ScanProblem, ScanReport
+    from syncengine.models import ConflictInfo, Op, ScanProblem, ScanReport
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class SnapshotInfo:
     """One snapshot as `snapshots` and `status` list it."""
 
@@ -28,7 +32,7 @@ class SnapshotInfo:
     changed: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class PendingCounts:
     """Local changes not yet synced, by kind (the headline of `status`)."""
 
@@ -42,7 +46,7 @@ class PendingCounts:
         return self.created + self.modified + self.deleted + self.moved
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class PendingItem:
     """One local change not yet synced, as `status` lists it."""
 
@@ -51,7 +55,7 @@ class PendingItem:
     old_path: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class TaskInfo:
     """A task and its progress (syncengine.progress), as `status` shows it."""
 
@@ -66,7 +70,7 @@ class TaskInfo:
     updated_at: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class DaemonInfo:
     """The daemon as `status` and `daemon status` show it."""
 
@@ -84,7 +88,7 @@ class DaemonInfo:
     log: str | None = None  # path of daemon.log
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class SyncInfo:
     """The last sync and why syncing may be stalled, from the journal (the sync part of `status`)."""
 
@@ -98,7 +102,7 @@ class SyncInfo:
     stalled: str | None = None  # why syncing looks stalled, or None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Status:
     """Everything `status` shows: a scan of pending changes, conflicts, snapshots, the last sync, the daemon."""
 
@@ -115,65 +119,15 @@ class Status:
     errors: tuple[ScanProblem, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class LogEntry:
-    """One row of the change journal as `log` shows it."""
-
-    seq: int
-    at: str
-    op: Op
-    path: str
-    old_path: str | None
-    hash: str | None
-    size: int | None
-    origin: str
-    snapshot_id: int | None
-    zones: tuple[str, ...] = ()
+# Defined in syncengine.reports; `from syncengine.views import LogEntry` still works, loading it then.
+_REPORTS = frozenset({"LogEntry", "DocDiff", "RestoreReport", "RepairReport", "Event"})
 
 
-@dataclass(frozen=True, slots=True)
-class DocDiff:
-    """One document's difference as `diff` shows it: fields for structured kinds, a unified diff for text."""
+def __getattr__(name: str) -> Any:
+    if name in _REPORTS:
+        from syncengine import reports
 
-    path: str
-    status: str  # added | removed | modified | moved | unchanged
-    kind: Kind
-    against: str  # base | snapshot N | nothing
-    old_path: str | None = None
-    fields: tuple[FieldChange, ...] = ()
-    unified: str | None = None  # text diff
-    old_size: int | None = None
-    new_size: int | None = None
-    old_hash: str | None = None
-    new_hash: str | None = None
-    note: str | None = None  # e.g. "does not parse as JSON: compared as text"
-
-
-@dataclass(frozen=True, slots=True)
-class RestoreReport:
-    """What a restore wrote and removed, and the safety snapshot that undoes it."""
-
-    snapshot_id: int
-    safety_snapshot_id: int | None
-    written: tuple[str, ...] = ()
-    deleted: tuple[str, ...] = ()
-    unchanged: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class RepairReport:
-    """What `repair` did: where the damaged journal went and how many files the rebuilt one holds."""
-
-    moved_aside: str | None
-    files: int
-    integrity: str  # ok | damaged | missing
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One message of what the daemon and syncs publish (zones, processing, progress, log), as `events` shows it."""
-
-    id: int
-    at: str
-    channel: str
-    payload: dict[str, Any] = field(default_factory=dict)
+        value = getattr(reports, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'syncengine.views' has no attribute {name!r}")

@@ -27,11 +27,11 @@ NEVER_FOR_A_CLIENT = ("fastapi", "uvicorn", "starlette", "psycopg2", "watchdog",
 # the values other commands show (syncengine.views: 13 dataclasses, ~10 ms to create), the merge stack
 # (merge, merge_text, merge3), which only a conflict or a .syncrules with field rules needs, and the wire
 # messages that move content (syncengine.exchange: 13 dataclasses, ~7 ms), with the download's thread pool and
-# the upload's gzip.
+# the upload's gzip; the strategies' module (a round settles nothing) and .syncrules' (a workspace without one).
 NOT_FOR_A_NO_OP = ("syncengine.apply", "syncengine.applier", "syncengine.staging", "syncengine.push",
                    "syncengine.history", "syncengine.blobs", "syncengine.chunkindex", "syncengine.durable",
                    "syncengine.views", "syncengine.merge", "syncengine.merge_text", "merge3", "syncengine.exchange",
-                   "concurrent.futures", "gzip")
+                   "concurrent.futures", "gzip", "syncengine.conflicts", "syncengine.rules")
 COMMAND_MODULES = ("cli.workspace_cmds", "cli.sync_cmds", "cli.history", "cli.conflict_cmds", "cli.server_cmds",
                    "cli.daemon_cmds")
 
@@ -112,9 +112,9 @@ def test_loading_commands_in_a_process_leaves_its_collector_alone():
 
 
 # The modules of values a command creates at import (dataclasses), in this file's sense of start-up cost.
-VALUE_MODULES = ("syncengine.models", "syncengine.views", "syncengine.config", "syncengine.protocol",
-                 "syncengine.exchange", "syncengine.remote", "syncengine.reconcile", "syncengine.conflicts",
-                 "syncengine.rules", "syncengine.chunked")
+VALUE_MODULES = ("syncengine.models", "syncengine.views", "syncengine.reports", "syncengine.config",
+                 "syncengine.protocol", "syncengine.exchange", "syncengine.remote", "syncengine.reconcile",
+                 "syncengine.conflicts", "syncengine.rules", "syncengine.chunked", "syncengine.docdiff")
 
 
 @pytest.mark.parametrize("name", VALUE_MODULES)
@@ -129,6 +129,52 @@ def test_every_dataclass_of_a_command_has_its_own_docstring(name: str):
             and value.__module__ == name]
     assert made
     assert not [cls.__name__ for cls in made if (cls.__doc__ or "").startswith(f"{cls.__name__}(")]
+
+
+# Reports and shown values: read field by field, never compared whole, so created without __eq__ (and __hash__).
+SHOWN_NOT_COMPARED = ("syncengine.models.ScanReport", "syncengine.models.ConflictInfo", "syncengine.models.InitReport",
+                      "syncengine.models.PlannedAction", "syncengine.models.SyncReport", "syncengine.views.Status",
+                      "syncengine.views.SnapshotInfo", "syncengine.views.PendingCounts", "syncengine.views.PendingItem",
+                      "syncengine.views.TaskInfo", "syncengine.views.DaemonInfo", "syncengine.views.SyncInfo",
+                      "syncengine.conflicts.Outcome", "syncengine.rules.Rule", "syncengine.rules.Rules",
+                      "syncengine.protocol.RejectedItem")
+
+
+def test_values_only_shown_are_created_without_eq():
+    """Each generated __eq__ (with its __hash__ when frozen) costs ~0.09 ms of every start: the values that are
+    only shown have none; the facts a round reasons with (LocalChange, ScanProblem, Version) keep theirs."""
+    import importlib
+
+    for qualified in SHOWN_NOT_COMPARED:
+        module, name = qualified.rsplit(".", 1)
+        cls = getattr(importlib.import_module(module), name)
+        assert "__eq__" not in vars(cls) and "__hash__" not in vars(cls), qualified
+    from syncengine.models import LocalChange, ScanProblem
+    from syncengine.reconcile import Version
+
+    assert ScanProblem("a", "b") == ScanProblem("a", "b") and Version("a", None) == Version("a", None)
+    assert LocalChange("created", "a") == LocalChange("created", "a")
+
+
+def dataclasses_made(modules: set[str]) -> set[str]:
+    """The dataclasses the project's modules among ``modules`` create when imported (module.Class)."""
+    import dataclasses
+    import importlib
+
+    made = set()
+    for name in sorted(m for m in modules if m.split(".")[0] in ("syncengine", "cli")):
+        for value in vars(importlib.import_module(name)).values():
+            if isinstance(value, type) and dataclasses.is_dataclass(value) and value.__module__ == name:
+                made.add(f"{name}.{value.__name__}")
+    return made
+
+
+# The dataclasses a process creates before it does anything (~0.35-1 ms each, mostly compiling their generated
+# methods): what a `status` and a no-op `sync` may create at most, and some they did once and need not.
+STATUS_DATACLASSES = 24
+NO_OP_SYNC_DATACLASSES = 29
+NOT_CREATED = {"syncengine.protocol.Health", "syncengine.exchange.Health", "syncengine.models.FieldChange",
+               "syncengine.docdiff.FieldChange", "syncengine.reports.LogEntry", "syncengine.reports.Event"}
 
 
 def _tops(modules: set[str]) -> set[str]:
@@ -164,6 +210,13 @@ def test_status_and_sync_json_import_only_their_own_stack(tmp_path: Path, kit):
     assert "syncengine.remote" not in modules and "syncengine.merge" not in modules
     # It shows the last sync's time (history.iso), not a snapshot: the blob store's stack stays unloaded.
     assert not modules & {"syncengine.blobs", "syncengine.durable", "ctypes", "syncengine.protocol"}
+    # Its values (syncengine.views), not those of log, diff, restore, repair and events (5 dataclasses, ~2 ms).
+    assert "syncengine.views" in modules and "syncengine.reports" not in modules
+    assert "subprocess" not in modules  # the daemon's state is read from files: only starting it spawns
+    assert not modules & {"secrets", "random", "hmac"}  # fsops' temp names: os.urandom, as secrets would
+    assert not modules & {"shutil", "bz2", "lzma"}  # only a repair or a trash recovery moves or removes trees
+    made = dataclasses_made(modules)
+    assert len(made) <= STATUS_DATACLASSES and not made & NOT_CREATED, sorted(made)
 
 
 def test_a_round_that_only_pushes_does_not_load_the_apply_stack(tmp_path: Path, kit):
@@ -262,6 +315,8 @@ def test_a_no_op_sync_writes_nothing_durable_and_still_records_its_time(tmp_path
     assert not _tops(modules) & {*NEVER_FOR_A_CLIENT, "pathspec"}  # a person's one line on a pipe: no rich
     # Nothing to apply nor push: the apply, push and history stacks stay unloaded.
     assert not modules & set(NOT_FOR_A_NO_OP), sorted(modules & set(NOT_FOR_A_NO_OP))
+    made = dataclasses_made(modules)
+    assert len(made) <= NO_OP_SYNC_DATACLASSES and not made & NOT_CREATED, sorted(made)
     assert _state_files(replica.root) == before
     assert replica.rows("SELECT last_seq, last_sync_at FROM sync_state") == stored
     shown = replica.status().sync.last_sync_at

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import pytest
 
@@ -123,6 +124,15 @@ def test_bad_syncrules_stops_sync_with_nothing_synced(net):
     assert cli(b, "sync", "--json").json()["downloaded"] == []
     write(a, ".syncrules", '[[rule]]\npath = "*.json"\nstrategy = "newest"\n')
     assert cli(a, "sync").code == 0
+
+
+def test_a_syncrules_link_that_cannot_be_followed_still_stops_sync(net):
+    """A .syncrules that is a link looping on itself is still read (and refused), never taken for no file: a round
+    loads the rules only where something is at that name, and a link is something."""
+    (a,) = net.replicas_of(BASE, 1)
+    os.symlink(".syncrules", a.root / ".syncrules")
+    result = cli(a, "sync")
+    assert result.code == 2 and ".syncrules" in result.stderr and "cannot be read" in result.stderr
 
 
 def test_unknown_strategy_flag_is_a_usage_error(net):
