@@ -76,35 +76,20 @@ def start(start_dir: str) -> bool:
     # The command imports it anyway, later; no SQLite connection and no lock come with it.
     from syncengine import scanner
 
-    try:
-        rfd, wfd = os.pipe()
-    except OSError:
-        return False
     parent = os.getpid()
-    try:
-        pid = os.fork()
-    except OSError:
-        os.close(rfd)
-        os.close(wfd)
+
+    def walk() -> tuple:
+        _die_with(parent)
+        with contextlib.suppress(OSError):
+            # Beside a busy second core, the parent's imports come first: the walk then waits
+            # for them instead of slowing them, and costs about what the parent's own would.
+            os.nice(EARLY_NICE)
+        return scanner.walk_ahead(root)
+
+    child = scanner._forked(walk)  # the scanner's fork-and-pipe, as its own forked walk and hashing use
+    if child is None:
         return False
-    if pid == 0:  # the child
-        status = 1
-        try:
-            os.close(rfd)
-            os.closerange(3, wfd)
-            os.closerange(wfd + 1, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 1 << 16)
-            _die_with(parent)
-            with contextlib.suppress(OSError):
-                # Beside a busy second core, the parent's imports come first: the walk then waits
-                # for them instead of slowing them, and costs about what the parent's own would.
-                os.nice(EARLY_NICE)
-            view = memoryview(marshal.dumps(scanner.walk_ahead(root)))
-            while view:
-                view = view[os.write(wfd, view):]
-            status = 0
-        finally:
-            os._exit(status)
-    os.close(wfd)
+    pid, rfd = child
     _pending = (pid, rfd, root)
     atexit.register(discard)
     return True
