@@ -14,6 +14,7 @@ import io
 import json
 import re
 from collections.abc import Callable, Mapping, MutableSequence
+from dataclasses import dataclass
 from typing import Any
 
 from syncengine.fieldpaths import id_index, same
@@ -50,18 +51,136 @@ def dump_json(value: Any, like: bytes | None) -> bytes:
         elif _NON_ASCII_ESCAPE.search(text):
             ensure_ascii = True
     options = {"indent": indent, "separators": (item_sep, key_sep), "allow_nan": False}
-    out = json.dumps(value, ensure_ascii=ensure_ascii, **options)
+    # An indented document that writes some arrays or objects on one line (Prettier's
+    # `"bbox": [1, 2, 3, 4]`, or a hand's) keeps them there: json.dumps would spread
+    # every one over lines, and a merge of one field would rewrite half the file.
+    layout = _json_layout(text, skeleton) if like is not None and indent is not None else None
+    out = _dumps(value, ensure_ascii, options, layout)
     if not ensure_ascii and not out.isascii():
         try:
             out.encode("utf-8")
         except UnicodeEncodeError:
             # lone surrogates (legal as JSON escapes) cannot be UTF-8: keep them escaped
-            out = json.dumps(value, ensure_ascii=True, **options)
+            out = _dumps(value, True, options, layout)
     if trailing:
         out += "\n"
     if newline != "\n":
         out = out.replace("\n", newline)  # JSON strings escape their newlines: only layout
     return out.encode("utf-8")
+
+
+_INLINE_HINT = re.compile(r"[\[{][ \t]*[^\s\]}]")  # an opening bracket with content on its own line
+_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{},:]|[^\s\[\]{},:"]+')
+
+
+@dataclass(eq=False)
+class _Layout:
+    """Which containers of an indented JSON text sit on one line, by path and by path pattern.
+
+    A pattern is the path with its array indices left out, so a new element
+    (a zone added by the other side) is laid out as its siblings are.
+    """
+
+    exact: dict[tuple, bool]
+    pattern: dict[tuple, list[int]]  # [inline, spread] counts
+    array_pad: str = ""  # "[ 1, 2 ]" or "[1, 2]", as the first inline array was written
+    object_pad: str = ""
+    item_sep: str = ", "
+    key_sep: str = ": "
+
+    def inline(self, path: tuple) -> bool:
+        inline, spread = self.pattern.get(_pattern(path), (0, 0))
+        if inline and not spread:
+            return True
+        if spread and not inline:
+            return False
+        return self.exact.get(path, inline > spread)
+
+
+def _pattern(path: tuple) -> tuple:
+    return tuple(None if type(part) is int else part for part in path)
+
+
+def _json_layout(text: str, skeleton: str) -> _Layout | None:
+    """The layout of ``text``, or None: nothing is on one line, or text it cannot follow (json.dumps's layout)."""
+    if not _INLINE_HINT.search(skeleton):
+        return None
+    layout = _Layout({}, {})
+    stack: list[list] = []  # [bracket, start offset, path, index in an array, key in an object]
+    found_array = found_object = found_comma = False
+    for match in _TOKEN.finditer(text):
+        token = match.group()
+        if token == "[" or token == "{":
+            path = (*stack[-1][2], stack[-1][3] if stack[-1][0] == "[" else stack[-1][4]) if stack else ()
+            stack.append([token, match.start(), path, 0, None])
+        elif token == "]" or token == "}":
+            if not stack or stack[-1][0] != ("[" if token == "]" else "{"):
+                return None
+            bracket, start, path, _index, _key = stack.pop()
+            body = text[start:match.end()]
+            if not body[1:-1].strip():
+                continue  # empty: written "[]" either way
+            inline = "\n" not in body
+            layout.exact[path] = inline
+            layout.pattern.setdefault(_pattern(path), [0, 0])[0 if inline else 1] += 1
+            if not inline:
+                continue
+            if bracket == "[" and not found_array:
+                found_array = True
+                layout.array_pad = " " if body[1] == " " else ""
+            elif bracket == "{" and not found_object:
+                found_object = True
+                layout.object_pad = " " if body[1] == " " else ""
+                layout.key_sep = ": " if re.search(r":\s", _STRING.sub('""', body)) else ":"
+            if not found_comma and "," in (bare := _STRING.sub('""', body)):
+                found_comma = True
+                layout.item_sep = ", " if re.search(r",\s", bare) else ","
+        elif not stack:
+            continue
+        elif token == ",":
+            stack[-1][3] += 1
+            stack[-1][4] = None
+        elif token[0] == '"' and stack[-1][0] == "{" and stack[-1][4] is None:
+            try:
+                stack[-1][4] = json.loads(token)
+            except ValueError:
+                return None
+    return layout if not stack else None
+
+
+def _dumps(value: Any, ensure_ascii: bool, options: dict[str, Any], layout: _Layout | None) -> str:
+    if layout is None:
+        return json.dumps(value, ensure_ascii=ensure_ascii, **options)
+    indent = options["indent"]
+    unit = indent if isinstance(indent, str) else " " * indent
+    item_sep, key_sep = options["separators"]
+    inline_options = {"separators": (layout.item_sep, layout.key_sep), "allow_nan": False,
+                      "ensure_ascii": ensure_ascii}
+
+    def dump(node: Any, path: tuple, depth: int) -> str:
+        if isinstance(node, dict):
+            items = list(node.items())
+            if not items:
+                return "{}"
+            if layout.inline(path):
+                pad = layout.object_pad
+                return "{" + pad + json.dumps(node, **inline_options)[1:-1] + pad + "}"
+            inner = "\n" + unit * (depth + 1)
+            parts = [json.dumps(key, ensure_ascii=ensure_ascii) + key_sep + dump(child, (*path, key), depth + 1)
+                     for key, child in items]
+            return "{" + inner + (item_sep + inner).join(parts) + "\n" + unit * depth + "}"
+        if isinstance(node, (list, tuple)):
+            if not node:
+                return "[]"
+            if layout.inline(path):
+                pad = layout.array_pad
+                return "[" + pad + json.dumps(node, **inline_options)[1:-1] + pad + "]"
+            inner = "\n" + unit * (depth + 1)
+            parts = [dump(child, (*path, n), depth + 1) for n, child in enumerate(node)]
+            return "[" + inner + (item_sep + inner).join(parts) + "\n" + unit * depth + "]"
+        return json.dumps(node, ensure_ascii=ensure_ascii, allow_nan=False)
+
+    return dump(value, (), 0)
 
 
 # ------------------------------------------------------------------ YAML

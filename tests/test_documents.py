@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from syncengine.documents import (
     changed_zones,
@@ -176,6 +178,77 @@ def test_serialize_json_keeps_value_key_order_and_is_deterministic():
     first = serialize(Kind.JSON, value, like=js(DOC))
     assert first == serialize(Kind.JSON, dict(value), like=js(DOC))
     assert first.index(b'"z"') < first.index(b'"a"')
+
+
+def prettier(value, depth: int = 0, unit: str = "  ", pad: str = "") -> str:
+    """A Prettier-like layout: arrays of scalars on one line, everything else spread over lines."""
+    if isinstance(value, list) and value and not any(isinstance(v, (list, dict)) for v in value):
+        return "[" + pad + ", ".join(json.dumps(v, ensure_ascii=False) for v in value) + pad + "]"
+    if isinstance(value, list) and value:
+        inner = "\n" + unit * (depth + 1)
+        return "[" + inner + ("," + inner).join(prettier(v, depth + 1, unit, pad) for v in value) + "\n" \
+            + unit * depth + "]"
+    if isinstance(value, dict) and value:
+        inner = "\n" + unit * (depth + 1)
+        return "{" + inner + ("," + inner).join(
+            json.dumps(k, ensure_ascii=False) + ": " + prettier(v, depth + 1, unit, pad) for k, v in value.items()
+        ) + "\n" + unit * depth + "}"
+    return json.dumps(value, ensure_ascii=False)
+
+
+PRETTY = (prettier(DOC) + "\n").encode()
+
+
+@pytest.mark.parametrize("pad", ["", " "])
+@pytest.mark.parametrize("unit", ["  ", "    ", "\t"])
+def test_serialize_json_keeps_arrays_written_on_one_line(unit, pad):
+    """An indented document with some arrays on one line (Prettier's, a hand's) is written back as it was."""
+    like = (prettier(DOC, unit=unit, pad=pad) + "\n").encode()
+    assert serialize(Kind.JSON, parse(Kind.JSON, like), like=like) == like
+
+
+def test_serialize_json_merge_of_one_field_rewrites_one_line():
+    """A changed field moves its own line only; a new zone is laid out as its siblings are."""
+    value = parse(Kind.JSON, PRETTY)
+    value["zones"][1]["label"] = "totals"
+    value["zones"].append({"id": "z3", "page": 2, "bbox": [1, 2, 3, 4], "label": "footer", "text": "end"})
+    out = serialize(Kind.JSON, value, like=PRETTY).decode()
+    old_lines, new_lines = PRETTY.decode().splitlines(), out.splitlines()
+    assert [line for line in old_lines if line not in new_lines] == ['      "label": "table",']
+    assert '      "bbox": [1, 2, 3, 4],' in new_lines
+    assert parse(Kind.JSON, out.encode()) == value
+
+
+def test_serialize_json_keeps_objects_written_on_one_line():
+    """An object on one line (`{ "a": 1 }`) stays on one line, with its padding and separators."""
+    like = b'{\n  "meta": { "pages": 1, "tags": ["a"] },\n  "list": [\n    1\n  ]\n}\n'
+    value = parse(Kind.JSON, like)
+    value["meta"]["pages"] = 2
+    assert serialize(Kind.JSON, value, like=like) == like.replace(b'"pages": 1', b'"pages": 2')
+
+
+@pytest.mark.parametrize("like", [b'{\n  "a": [1, 2\n', b'{\n  "a": [1, 2]]\n}', b'{\n  "a": ["x\\"]\n}'])
+def test_serialize_json_unreadable_layout_falls_back_to_spread(like):
+    """A like whose layout cannot be followed gives json.dumps's layout, never a wrong value."""
+    value = {"a": [1, 2], "b": {"c": [3]}}
+    out = serialize(Kind.JSON, value, like=like)
+    assert parse(Kind.JSON, out) == value
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    max_leaves=25,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(base=JSON_VALUES, value=JSON_VALUES)
+def test_serialize_json_in_any_layout_round_trips(base, value):
+    """Whatever the layout of like, the bytes written parse back to the value, and like's own value gives like."""
+    like = (prettier({"doc": base}) + "\n").encode()
+    assert serialize(Kind.JSON, parse(Kind.JSON, like), like=like) == like
+    assert parse(Kind.JSON, serialize(Kind.JSON, {"doc": value}, like=like)) == {"doc": value}
 
 
 def test_serialize_json_escapes_lone_surrogates():
