@@ -40,6 +40,7 @@ def sync(ctx: Context, strategy: str | None, dry_run: bool, max_delete: float | 
     unreachable or failing (local changes stay queued), 4 when the token is
     refused, 5 outside a workspace or with a damaged journal, 6 when a safety
     guard stopped the run, 7 when another sync holds the lock past --wait.
+    A dry run exits as the real run would (6 if the guard would stop it).
     """
     with open_workspace(ctx) as ws, _progress(enabled=not as_json and sys.stderr.isatty()) as progress:
         report = ws.sync(strategy=strategy, dry_run=dry_run, force=force, max_delete=max_delete,
@@ -88,6 +89,9 @@ def _render_sync(out: Console, r: SyncReport) -> None:
             for a in r.plan:
                 conflict = f" [{a.conflict}]" if a.conflict else ""
                 out.print(f"  {escape(f'{a.action:<6} {a.path}{conflict}')}  [dim]({escape(a.detail)})[/]")
+        if r.guard:
+            out.print(f"[bold red]A real run would stop here (exit 6):[/] {escape(r.guard)}; "
+                      "check the files, then run `syncengine sync --force`.")
     else:
         parts = []
         for label, n in (("downloaded", len(r.downloaded)), ("deleted here", len(r.deleted)),

@@ -168,11 +168,12 @@ class SyncReport:
     problems: tuple[ScanProblem, ...] = ()
     scan: ScanReport | None = None
     passes: int = 0
+    guard: str | None = None  # a dry run's plan the safety guard would stop: why (it exits 6, as the run would)
     seconds: float = 0.0
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.open_conflicts else 0
+        return 6 if self.guard else 1 if self.open_conflicts else 0
 
 
 # Defined in syncengine.views; `from syncengine.models import Status` still works, loading it then.

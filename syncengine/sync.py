@@ -154,7 +154,7 @@ def sync_once(
         remote = remote or ws.open_remote()
         try:
             if dry_run:
-                return _dry_run(ws, remote, pct, started)
+                return _dry_run(ws, remote, pct, force, started)
             with _fewer_collections():
                 return _round(ws, remote, strategy_for, pct, force, progress, started)
         finally:
@@ -361,8 +361,13 @@ def _stored(results: list[str | SyncEngineError]) -> None:
             raise result
 
 
-def _dry_run(ws: Workspace, remote: Remote, pct: float, started: float) -> SyncReport:
-    """Plan on a throwaway copy of the journal: the workspace is not written at all."""
+def _dry_run(ws: Workspace, remote: Remote, pct: float, force: bool, started: float) -> SyncReport:
+    """Plan on a throwaway copy of the journal: the workspace is not written at all.
+
+    A plan the safety guard would stop is still shown, and the report
+    carries the guard's reason, so the dry run exits 6 as the real run
+    would (a script asks "would this sync go through?"), 0 with --force.
+    """
     with tempfile.TemporaryDirectory(prefix="syncengine-dry-") as tmp:
         copy = Path(tmp) / "journal.db"
         source = sqlite3.connect(ws.layout.journal)
@@ -383,10 +388,8 @@ def _dry_run(ws: Workspace, remote: Remote, pct: float, started: float) -> SyncR
                               action.rule, action.conflict.value if action.conflict else None)
                 for row, action in plan)
             problems = list(scan.problems) + pulled.problems
-            if reason:
-                problems.append(ScanProblem(".", f"safety guard: {reason} (needs --force)"))
         finally:
             journal.close()
     return SyncReport(server=remote_url(ws), workspace=ws.config.server.workspace, dry_run=True,
                       pulled=pulled.entries, full_listing=pulled.full, plan=planned, problems=tuple(problems),
-                      scan=scan, seconds=round(time.monotonic() - started, 3))
+                      scan=scan, guard=None if force else reason, seconds=round(time.monotonic() - started, 3))

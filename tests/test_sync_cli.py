@@ -200,6 +200,23 @@ def test_pushing_mass_deletions_stops_with_exit_6(kit, override):
     assert len(b.tree()) == 5 and a.status().sync.guard is None
 
 
+def test_a_dry_run_the_guard_would_stop_exits_6_and_shows_the_plan(kit):
+    """--dry-run predicts the real run: the plan, the guard's reason and exit 6; with --force, exit 0."""
+    a = kit.replica(_many(20))
+    a.sync()
+    for i in range(15):
+        a.delete(f"d/{i:02d}.txt")
+    log = kit.log()
+    result = a.cli("sync", "--dry-run")
+    assert result.code == 6, result.stderr
+    assert "would stop" in result.stdout and "15 of 20" in result.stdout and "d/00.txt" in result.stdout
+    as_json = a.cli("sync", "--dry-run", "--json")
+    assert as_json.code == 6 and "15 of 20" in as_json.json()["guard"] and len(as_json.json()["plan"]) == 15
+    forced = a.cli("sync", "--dry-run", "--force", "--json")
+    assert forced.code == 0 and forced.json()["guard"] is None
+    assert kit.log() == log and len(a.tree()) == 5 and a.status().sync.guard is None
+
+
 def test_applying_mass_deletions_from_the_server_stops_with_exit_6(kit):
     """Deletions pulled from the server that would empty most of this replica stop until --force."""
     a = kit.replica(_many(20))
