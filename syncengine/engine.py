@@ -185,10 +185,14 @@ class Workspace:
             journal.update_state(root_dev=dev, root_ino=ino, client_id=uuid.uuid4().hex)
 
     def close(self) -> None:
+        """Close the journal, the events database and the blob table: a long-lived process (the daemon, a
+        test, a script opening workspaces in turn) keeps no descriptor of a workspace it is done with."""
         for db in (self._journal, self._events):
             if db is not None:
                 db.close()
         self._journal = self._events = None
+        if self._blobs is not None:
+            self._blobs.close()
 
     def __enter__(self) -> Workspace:
         return self

@@ -35,3 +35,30 @@ def test_the_readme_sync_example(tmp_path: Path, server):
         report = ws.sync(strategy="keep-both")
         assert sorted(report.pushed) == ["a.md", "b/c.json"] and report.conflicts == ()
         assert report.exit_code == 0 and ws.status().pending.total == 0
+
+
+def _open_files_under(folder: Path) -> list[str]:
+    out = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = fd.readlink()
+        except OSError:
+            continue
+        if str(target).startswith(str(folder)):
+            out.append(str(target))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_closing_a_workspace_leaves_no_descriptor_open(tmp_path: Path):
+    """After `with Workspace(...)`, no file of it stays open: journal, events and blob table included."""
+    make_tree(tmp_path / "papers", {"a.md": "a\n", "b/c.json": '{"c": 1}\n'})
+    ws, _report = Workspace.init(tmp_path / "papers")
+    ws.close()
+    for _ in range(3):  # a long-lived process opening it in turn: nothing piles up
+        with Workspace(tmp_path / "papers") as ws:
+            (tmp_path / "papers" / "a.md").write_text(f"a, edited {_}\n")
+            assert ws.status().files == 2
+            ws.snapshot("one")  # stores the edit: the blob table is open now
+            assert any(path.endswith("small.db") for path in _open_files_under(tmp_path))
+        assert _open_files_under(tmp_path) == []
