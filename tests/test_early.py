@@ -21,6 +21,7 @@ import pytest
 from syncengine import Workspace, early, scanner
 from syncengine.locks import FileLock
 from syncengine.testing import backdate, make_tree
+from tests.forkkit import here_or_alone, in_child, owned_by_nobody
 from tests.helpers import REPO, cli_env
 
 pytestmark = pytest.mark.integration
@@ -149,9 +150,7 @@ def test_an_unreadable_folder_is_reported_and_its_files_kept_as_by_a_plain_walk(
     import shutil
     import tempfile
 
-    from tests.test_scanner import _here_or_alone
-
-    if not _here_or_alone(request):
+    if not here_or_alone(request):
         return
     top = Path(tempfile.mkdtemp(prefix="se-early-"))
     try:
@@ -162,13 +161,7 @@ def test_an_unreadable_folder_is_reported_and_its_files_kept_as_by_a_plain_walk(
 
 def _unreadable_folder(tmp_path: Path) -> None:
     roots = [_workspace(tmp_path / "a"), _workspace(tmp_path / "b")]
-    user = None
-    if os.geteuid() == 0:  # root searches any folder: the scans run as nobody, who owns the workspaces
-        user = 65534
-        for folder, _dirs, names in os.walk(tmp_path):
-            os.chown(folder, user, user)
-            for name in names:
-                os.chown(os.path.join(folder, name), user, user)
+    user = owned_by_nobody(tmp_path)  # root searches any folder: then the scans run as nobody
     for root in roots:
         (root / "d6/s0").chmod(0o444)
     try:
@@ -186,40 +179,17 @@ def _unreadable_folder(tmp_path: Path) -> None:
 
 
 def _scan_as(root: Path, user: int | None, *, ahead: bool) -> dict:
-    """A fresh process's scan of ``root`` as ``user``, its walk started ahead or not: a fork of this one.
+    """A fresh process's scan of ``root`` as ``user``, its walk started ahead or not: a fork of this one."""
 
-    Forked, not a new interpreter: `nobody` may not read the interpreter's own files here
-    (/root/.pyenv), while a fork already has everything a scan imports.
-    """
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 1
-        try:
-            os.close(read)
-            if user is not None:
-                os.setgid(user)
-                os.setuid(user)
-            if ahead:
-                assert early.start(str(root))
-            with Workspace(root) as ws:
-                report = ws.scan()
-            out = {"outcomes": early.outcomes, "deleted": list(report.deleted), "files": report.files,
-                   "problems": sorted([p.path, p.reason] for p in report.problems)}
-            os.write(write, json.dumps(out).encode())
-            code = 0
-        except BaseException:
-            import traceback
+    def scan() -> dict:
+        if ahead:
+            assert early.start(str(root))
+        with Workspace(root) as ws:
+            report = ws.scan()
+        return {"outcomes": early.outcomes, "deleted": list(report.deleted), "files": report.files,
+                "problems": sorted([p.path, p.reason] for p in report.problems)}
 
-            os.write(write, traceback.format_exc().encode())
-        finally:
-            os._exit(code)
-    os.close(write)
-    with os.fdopen(read, "rb") as fh:
-        data = fh.read()
-    _pid, status = os.waitpid(pid, 0)
-    assert status == 0, data.decode()
-    out = json.loads(data)
+    out = in_child(scan, user)
     out["problems"] = [tuple(p) for p in out["problems"]]
     return out
 

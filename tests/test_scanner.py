@@ -13,6 +13,7 @@ import pytest
 from syncengine import Workspace, scanner
 from syncengine.fsops import inject_fault
 from syncengine.testing import backdate, make_tree
+from tests.forkkit import here_or_alone, in_child, owned_by_nobody
 
 
 @pytest.fixture
@@ -398,24 +399,6 @@ def test_hash_with_head_reads_a_procfs_file_past_its_zero_size():
     assert head and digest == hashlib.sha256(head).hexdigest()
 
 
-def _here_or_alone(request: pytest.FixtureRequest) -> bool:
-    """Whether this test can fork here; else it is run (and must pass) in a fresh pytest process.
-
-    The scanner never forks beside another thread, and an earlier test's
-    server may have left one running in this process.
-    """
-    import subprocess
-    import sys
-    import threading
-
-    if threading.active_count() == 1:
-        return True
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", request.node.nodeid],
-                            cwd=request.config.rootpath, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return False
-
-
 def _count_forks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The pids of the children os.fork starts from now on (recorded in this process only)."""
     forks: list[int] = []
@@ -438,7 +421,7 @@ def _hash_results(root: Path, rels: list[str]) -> list[tuple]:
 def test_large_batch_is_hashed_half_in_a_forked_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         request: pytest.FixtureRequest):
     """A batch over FORK_MIN is split with a forked child: the same digests, stats, kinds and failures, in order."""
-    if not _here_or_alone(request):
+    if not here_or_alone(request):
         return
     files = {f"d/{i:02}.json": f'{{"i": {i}}}\n' for i in range(12)}
     files |= {"known.json": "{}\n", "e.bin": b"\x00\xff" * 3000, "f.md": "# f\n" * 900, "g/empty.txt": ""}
@@ -487,7 +470,7 @@ def test_no_fork_beside_other_threads_or_when_fork_fails(tmp_path: Path, monkeyp
 def test_a_child_that_fails_leaves_its_half_to_this_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         request: pytest.FixtureRequest):
     """A child that dies before delivering (here: it cannot encode its results) costs time, not results."""
-    if not _here_or_alone(request):
+    if not here_or_alone(request):
         return
     make_tree(tmp_path, {f"{i}.txt": f"{i}\n" for i in range(8)})
     rels = [f"{i}.txt" for i in range(8)]
@@ -506,7 +489,7 @@ def test_a_child_that_fails_leaves_its_half_to_this_process(tmp_path: Path, monk
 def test_forked_first_scan_journals_what_one_process_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         request: pytest.FixtureRequest):
     """init over FORK_MIN files journals the same rows, and reports progress up to the whole batch once."""
-    if not _here_or_alone(request):
+    if not here_or_alone(request):
         return
     tree = {f"p/{i:03}.json": f'{{"n": {i}}}\n' for i in range(40)} | {"z.bin": b"\x01\x00" * 50}
     rows = []
@@ -537,7 +520,7 @@ def test_forked_first_scan_journals_what_one_process_does(tmp_path: Path, monkey
 def test_an_interrupted_forked_batch_leaves_no_child_nor_descriptor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         request: pytest.FixtureRequest):
     """An exception in this process while the child hashes (here from progress) kills and reaps the child."""
-    if not _here_or_alone(request):
+    if not here_or_alone(request):
         return
     make_tree(tmp_path, {f"{i}.txt": f"{i}\n" for i in range(8)})
     monkeypatch.setattr(scanner, "FORK_MIN", 2)
@@ -661,53 +644,27 @@ def test_a_kill_between_the_commit_and_the_carried_copy_leaves_a_stale_copy_neve
 
 
 def _scan_elsewhere(root: Path, user: int | None) -> dict:
-    """A scan of ``root`` in a forked child, as ``user`` if given: (deleted, problems, journaled paths).
+    """A scan of ``root`` in a forked child, as ``user`` if given: (deleted, problems, journaled paths)."""
 
-    Forked, not a new interpreter: `nobody` may not read the interpreter's own files here
-    (/root/.pyenv), while a fork already has everything a scan imports.
-    """
-    import json
-
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 1
-        try:
-            os.close(read)
-            if user is not None:
-                os.setgid(user)
-                os.setuid(user)
-            ws = Workspace(root)
+    def scan() -> dict:
+        with Workspace(root) as ws:
             report = ws.scan()
-            out = {"deleted": list(report.deleted), "problems": sorted([p.path, p.reason] for p in report.problems),
-                   "known": sorted(ws.journal.local_index())}
-            ws.close()
-            os.write(write, json.dumps(out).encode())
-            code = 0
-        except BaseException:
-            import traceback
+            return {"deleted": list(report.deleted), "problems": sorted([p.path, p.reason] for p in report.problems),
+                    "known": sorted(ws.journal.local_index())}
 
-            os.write(write, traceback.format_exc().encode())
-        finally:
-            os._exit(code)
-    os.close(write)
-    with os.fdopen(read, "rb") as fh:
-        data = fh.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0 and data, data.decode()
-    return json.loads(data)
+    return in_child(scan, user)
 
 
 def test_files_in_a_folder_listed_but_not_searchable_are_reported_not_deleted(request: pytest.FixtureRequest):
     """A folder with mode r-- lists its names but refuses every stat inside: those files are reported, and
     the journal keeps them (they used to be taken for vanished, and pushed as deletions).
 
-    Permissions do not bind root, so as root the scan runs as `nobody` in a forked child (in a folder of
-    /tmp: pytest's tmp_path sits in folders closed to others); a fork beside another thread could hang on
-    a lock it held, so then the test runs in a fresh pytest process."""
+    Permissions do not bind root, so as root the scan runs as `nobody` in a forked child (tests.forkkit; in a
+    folder of /tmp: pytest's tmp_path sits in folders closed to others); a fork beside another thread could
+    hang on a lock it held, so then the test runs in a fresh pytest process."""
     import tempfile
 
-    if not _here_or_alone(request):
+    if not here_or_alone(request):
         return
 
     top = Path(tempfile.mkdtemp(prefix="se-perm-"))
@@ -724,13 +681,7 @@ def _scan_a_folder_not_searchable(top: Path) -> None:
     ws, _ = Workspace.init(root)
     ws.scan()  # and every module a scan imports, before the child may lose the right to read them
     ws.close()
-    user = None
-    if os.geteuid() == 0:
-        user = 65534
-        for folder, _dirs, names in os.walk(top):
-            os.chown(folder, user, user)
-            for name in names:
-                os.chown(os.path.join(folder, name), user, user)
+    user = owned_by_nobody(top)
     os.chmod(root / "notes", 0o444)
     try:
         out = _scan_elsewhere(root, user)
@@ -773,7 +724,7 @@ def test_a_large_walk_shares_its_top_folders_with_a_forked_child(tmp_path: Path,
     """Over WALK_FORK_MIN known files a child walks every second top folder: the same changes, deletions,
     moves, counts and journal rows as one process, ignored folders included; and a child that fails costs
     time, not results."""
-    if not _here_or_alone(request):
+    if not here_or_alone(request):
         return
     facts, rows = [], []
     for name, walk_min, broken in (("one", 10**9, False), ("two", 1, False), ("failed", 1, True)):
@@ -808,7 +759,7 @@ def test_a_large_walk_shares_its_top_folders_with_a_forked_child(tmp_path: Path,
 def test_a_forked_walk_reports_the_child_folders_it_cannot_list_and_keeps_their_files(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest):
     """A folder the child cannot list is reported by it and its files are not taken for deletions."""
-    if not _here_or_alone(request):
+    if not here_or_alone(request):
         return
     root = tmp_path / "w"
     make_tree(root, _walk_tree())
