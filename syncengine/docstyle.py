@@ -159,26 +159,21 @@ def _dumps(value: Any, ensure_ascii: bool, options: dict[str, Any], layout: _Lay
 
     def dump(node: Any, path: tuple, depth: int) -> str:
         if isinstance(node, dict):
-            items = list(node.items())
-            if not items:
-                return "{}"
-            if layout.inline(path):
-                pad = layout.object_pad
-                return "{" + pad + json.dumps(node, **inline_options)[1:-1] + pad + "}"
-            inner = "\n" + unit * (depth + 1)
-            parts = [json.dumps(key, ensure_ascii=ensure_ascii) + key_sep + dump(child, (*path, key), depth + 1)
-                     for key, child in items]
-            return "{" + inner + (item_sep + inner).join(parts) + "\n" + unit * depth + "}"
-        if isinstance(node, (list, tuple)):
-            if not node:
-                return "[]"
-            if layout.inline(path):
-                pad = layout.array_pad
-                return "[" + pad + json.dumps(node, **inline_options)[1:-1] + pad + "]"
-            inner = "\n" + unit * (depth + 1)
-            parts = [dump(child, (*path, n), depth + 1) for n, child in enumerate(node)]
-            return "[" + inner + (item_sep + inner).join(parts) + "\n" + unit * depth + "]"
-        return json.dumps(node, ensure_ascii=ensure_ascii, allow_nan=False)
+            brackets, pad = "{}", layout.object_pad
+            children = [(json.dumps(key, ensure_ascii=ensure_ascii) + key_sep, key, child)
+                        for key, child in node.items()]
+        elif isinstance(node, (list, tuple)):
+            brackets, pad = "[]", layout.array_pad
+            children = [("", n, child) for n, child in enumerate(node)]
+        else:
+            return json.dumps(node, ensure_ascii=ensure_ascii, allow_nan=False)
+        if not children:
+            return brackets
+        if layout.inline(path):
+            return brackets[0] + pad + json.dumps(node, **inline_options)[1:-1] + pad + brackets[1]
+        inner = "\n" + unit * (depth + 1)
+        parts = [head + dump(child, (*path, step), depth + 1) for head, step, child in children]
+        return brackets[0] + inner + (item_sep + inner).join(parts) + "\n" + unit * depth + brackets[1]
 
     return dump(value, (), 0)
 
