@@ -14,7 +14,6 @@ import io
 import json
 import re
 from collections.abc import Callable, Mapping, MutableSequence
-from dataclasses import dataclass
 from typing import Any
 
 from syncengine.fieldpaths import id_index, same
@@ -73,20 +72,21 @@ _INLINE_HINT = re.compile(r"[\[{][ \t]*[^\s\]}]")  # an opening bracket with con
 _TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{},:]|[^\s\[\]{},:"]+')
 
 
-@dataclass(eq=False)
 class _Layout:
     """Which containers of an indented JSON text sit on one line, by path and by path pattern.
 
     A pattern is the path with its array indices left out, so a new element
-    (a zone added by the other side) is laid out as its siblings are.
+    (a zone added by the other side) is laid out as its siblings are. A plain
+    class: a dataclass would be built by every CLI process that imports this.
     """
 
-    exact: dict[tuple, bool]
-    pattern: dict[tuple, list[int]]  # [inline, spread] counts
-    array_pad: str = ""  # "[ 1, 2 ]" or "[1, 2]", as the first inline array was written
-    object_pad: str = ""
-    item_sep: str = ", "
-    key_sep: str = ": "
+    def __init__(self) -> None:
+        self.exact: dict[tuple, bool] = {}
+        self.pattern: dict[tuple, list[int]] = {}  # [inline, spread] counts
+        self.array_pad = ""  # "[ 1, 2 ]" or "[1, 2]", as the first inline array was written
+        self.object_pad = ""
+        self.item_sep = ", "
+        self.key_sep = ": "
 
     def inline(self, path: tuple) -> bool:
         inline, spread = self.pattern.get(_pattern(path), (0, 0))
@@ -105,7 +105,7 @@ def _json_layout(text: str, skeleton: str) -> _Layout | None:
     """The layout of ``text``, or None: nothing is on one line, or text it cannot follow (json.dumps's layout)."""
     if not _INLINE_HINT.search(skeleton):
         return None
-    layout = _Layout({}, {})
+    layout = _Layout()
     stack: list[list] = []  # [bracket, start offset, path, index in an array, key in an object]
     found_array = found_object = found_comma = False
     for match in _TOKEN.finditer(text):
