@@ -49,6 +49,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "resolve": ("cli.conflict_cmds", "Settle the open conflict at PATH; the next `sync` pushes your choice."),
     "restore": ("cli.history", "Bring back SNAPSHOT (an id, or 'latest'), whole or only PATHS."),
     "serve": ("cli.server_cmds", "Run the sync server in the foreground (Ctrl-C stops it)."),
+    "server": ("cli.server_cmds", "Server upkeep (run on the server's machine): gc of old history and blobs."),
     "snapshot": ("cli.history", "Record the current state of every file, so it can be restored later."),
     "snapshots": ("cli.history", "List snapshots, newest first."),
     "status": ("cli.workspace_cmds", "Scan, then show pending changes, conflicts, the last snapshot and sync."),

@@ -1,4 +1,4 @@
-"""`syncengine serve` and `syncengine token create|list|revoke`: the server's admin commands.
+"""`syncengine serve`, `syncengine token create|list|revoke` and `syncengine server gc`: the server's admin commands.
 
 The server stack (FastAPI, uvicorn, peewee storage) is imported inside the
 commands, so the rest of the CLI starts fast.
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from cli.render import emit, json_option
+from cli.render import emit, human_size, json_option
 
 _db_option = click.option(
     "--db",
@@ -176,6 +176,52 @@ def token_revoke(token_id, workspace, db_url, data_dir) -> None:
     finally:
         storage.close()
     click.echo(f"revoked {info.id} ({info.workspace})")
+
+
+@click.group()
+def server() -> None:
+    """Server upkeep (run on the server's machine): gc of old history and blobs."""
+
+
+@server.command("gc")
+@click.option("--keep", metavar="DURATION", default="30d", show_default=True,
+              help="Keep the change log and old revisions this long (30d, 12h, 0 for none).")
+@click.option("--workspace", "-w", default=None, help="Only this workspace (default: all).")
+@click.option("--dry-run", is_flag=True, help="Count what would go; change nothing.")
+@_db_option
+@_data_option
+@json_option
+def server_gc(keep, workspace, dry_run, db_url, data_dir, as_json) -> None:
+    """Drop the change log, op answers and blobs older than --keep that no current document needs.
+
+    Every document's current version stays, and so does every blob stored in
+    the last hour. A replica away for longer than --keep gets the full
+    listing on its next sync and deletes nothing on that basis. Safe while
+    servers run: each step holds the workspace's lock, as commits do.
+    """
+    from syncengine.config import parse_duration
+    from syncengine.server.admin import collect_garbage, open_storage
+
+    seconds = parse_duration(keep)
+    storage = open_storage(db_url, data_dir)
+    try:
+        report = collect_garbage(storage, seconds, workspace, dry_run=dry_run)
+    finally:
+        storage.close()
+
+    def human(console, r) -> None:
+        verb = "would drop" if r.dry_run else "dropped"
+        if not r.workspaces:
+            console.print("no workspaces")
+        for w in r.workspaces:
+            console.print(
+                f"{w.workspace}: {verb} {w.changes_dropped} change(s), {w.ops_dropped} op answer(s), "
+                f"{w.blobs_dropped} blob(s) ({human_size(w.bytes_freed)}); the log now starts at seq "
+                f"{w.min_seq} (last {w.last_seq})",
+                markup=False,
+            )
+
+    emit(report, as_json, human)
 
 
 def _when(ns: int | None) -> str | None:

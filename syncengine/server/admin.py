@@ -1,4 +1,4 @@
-"""What an administrator runs on the server's machine: tokens and ``serve``.
+"""What an administrator runs on the server's machine: tokens, gc and ``serve``.
 
 The CLI (``cli/server_cmds.py``) only parses flags and calls these.
 """
@@ -9,10 +9,14 @@ import logging
 import re
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from syncengine.errors import UsageError
 from syncengine.protocol import ProtocolError, check_workspace
 from syncengine.server.storage import Storage, TokenInfo
+
+if TYPE_CHECKING:
+    from syncengine.server.gc import ServerGcReport
 
 DEFAULT_DATA_DIR = Path("syncengine-server")
 
@@ -47,6 +51,14 @@ def revoke_token(storage: Storage, token_id: str, workspace: str | None = None) 
             f"token {token_id} belongs to workspace {info.workspace!r}, not {workspace!r}"
         )
     return info
+
+
+def collect_garbage(storage: Storage, keep_seconds: float, workspace: str | None = None, *,
+                    dry_run: bool = False) -> ServerGcReport:
+    """Drop history and blobs older than ``keep_seconds`` that no current document needs (server/gc.py)."""
+    from syncengine.server.gc import collect
+
+    return collect(storage, keep_seconds, workspace=_workspace(workspace) if workspace else None, dry_run=dry_run)
 
 
 class _RedactQuery(logging.Filter):

@@ -922,3 +922,23 @@ class Storage:
         W = self.m.Workspace
         with self._read():
             return W.select(W.id).where(W.name == name).scalar()
+
+    def workspace_names(self) -> list[str]:
+        W = self.m.Workspace
+        with self._read():
+            return [name for (name,) in W.select(W.name).order_by(W.name).tuples()]
+
+    @contextlib.contextmanager
+    def locked(self, ws_id: int, *, rollback: bool = False) -> Iterator[None]:
+        """A write transaction holding the workspace's lock, as a commit's does: upkeep (gc) runs between
+        commits, never beside one. ``rollback``: undo it all at the end (a dry run)."""
+        with contextlib.suppress(_RolledBack), self._write():
+            lock = " FOR UPDATE" if self.postgres else ""  # SQLite: BEGIN IMMEDIATE took it
+            _one(self.db, f'SELECT "id" FROM "workspace" WHERE "id" = {self.db.param}{lock}', (ws_id,))
+            yield
+            if rollback:
+                raise _RolledBack
+
+
+class _RolledBack(Exception):
+    """Raised inside a transaction to undo it (Storage.locked's dry run)."""
