@@ -118,7 +118,7 @@ def _render_status(out: Console, st: Status) -> None:
 @json_option
 @click.pass_obj
 def repair(ctx: Context, as_json: bool) -> None:
-    """Set a damaged journal aside and rebuild it from the files (with no base)."""
+    """Set a damaged journal (or blob store) aside and rebuild it from the files (with no base)."""
     from syncengine.workspace import find_root
 
     report = Workspace.repair(find_root(ctx.start))
@@ -127,8 +127,15 @@ def repair(ctx: Context, as_json: bool) -> None:
 
 def _render_repair(out: Console, report) -> None:
 
+    if report.blobs_moved_aside:
+        out.print(escape(f"Moved the damaged blob store aside to {report.blobs_moved_aside}; stored "
+                         f"{report.blobs_restored} current file(s) again."))
+        if report.blobs_lost:
+            out.print(f"{report.blobs_lost} earlier version(s) (snapshots, merge bases) are lost: restoring them "
+                      "fails, and a concurrent edit of those files keeps both versions instead of merging.")
     if report.integrity == "ok":
-        out.print(f"The journal is healthy ({report.files} file(s)); nothing to repair.")
+        out.print(f"The journal is healthy ({report.files} file(s))"
+                  + ("." if report.blobs_moved_aside else "; nothing to repair."))
         return
     if report.moved_aside:
         out.print(escape(f"Moved the damaged journal aside to {report.moved_aside}."))

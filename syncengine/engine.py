@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from syncengine import scanner, workspace
 from syncengine.config import Config
 from syncengine.credentials import save_token
-from syncengine.errors import JournalDamaged, UsageError
+from syncengine.errors import JournalDamaged, SyncEngineError, UsageError
 from syncengine.fsops import clean_temp_files, failpoint, recover_trash
 from syncengine.journal import EventLog, Journal, integrity_ok
 from syncengine.locks import FileLock
@@ -384,7 +384,6 @@ class Workspace:
         if not touched:
             return
         from syncengine.conflicts import zone_event
-        from syncengine.errors import SyncEngineError
 
         docs = self.journal.docs_by_local_paths(touched)
         events = [zone_event(path, docs[path].doc_id, fields, origin)
@@ -512,7 +511,10 @@ class Workspace:
         """Set a damaged journal aside and rebuild it from the files, with no base.
 
         With no base the next sync deletes nothing: every difference with the
-        server becomes a conflict (Unison's conservative rule).
+        server becomes a conflict (Unison's conservative rule). A blob table
+        that fails its check is set aside too, and every current file whose
+        bytes the journal still names is stored again: unchanged files merge
+        and restore as before, older versions only it held are reported lost.
         """
         layout = workspace.Layout(root)
         state = "missing"
@@ -538,17 +540,51 @@ class Workspace:
             for suffix in ("", "-wal", "-shm"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(str(layout.events) + suffix)
-        if state == "ok":
-            ws = cls(root)
-            files = ws.journal.count_present()
-            ws.close()
-            return _views().RepairReport(None, files, "ok")
+        blobs_moved = _set_aside_damaged_blobs(layout)
         ws = cls(root)
-        clean_temp_files(root)
         try:
-            report = ws.scan()
-            if not integrity_ok(ws.journal.db):
-                raise JournalDamaged("the rebuilt journal failed its integrity check")
+            if state == "ok":
+                files = ws.journal.count_present()
+            else:
+                clean_temp_files(root)
+                files = ws.scan().files
+                if not integrity_ok(ws.journal.db):
+                    raise JournalDamaged("the rebuilt journal failed its integrity check")
+            restored = lost = 0
+            if blobs_moved is not None:
+                restored, lost = _store_current_files(ws)
         finally:
             ws.close()
-        return _views().RepairReport(str(moved) if moved else None, report.files, state)
+        return _views().RepairReport(str(moved) if moved else None, files, state,
+                                     "damaged" if blobs_moved else "ok", blobs_moved, restored, lost)
+
+
+def _set_aside_damaged_blobs(layout: workspace.Layout) -> str | None:
+    """Move a blob table that fails its check aside (with its -wal and -shm); where it went, or None."""
+    from syncengine import smallblobs
+
+    table = layout.objects / "small.db"
+    if smallblobs.check(str(table)) != "damaged":
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    aside = table.with_name(f"small.db.damaged-{stamp}")
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(f"{table}{suffix}", f"{aside}{suffix}")
+    return str(aside)
+
+
+def _store_current_files(ws: Workspace) -> tuple[int, int]:
+    """After a damaged blob table: store again each file whose bytes the journal still needs (a base, a
+    snapshot, a conflict's side), so unchanged files merge and restore as before; (stored, still missing)."""
+    wanted = ws.journal.referenced_hashes()
+    stored = 0
+    for rel, row in ws.journal.local_index().items():
+        digest = row[1]
+        if digest not in wanted or ws.blobs.has(digest):
+            continue
+        with contextlib.suppress(OSError, SyncEngineError):  # gone or unreadable now: its versions stay lost
+            if ws.blobs.put_file(ws.root / rel)[0] == digest:
+                stored += 1
+    lost = sum(1 for digest in wanted if not ws.blobs.has(digest))
+    return stored, lost

@@ -18,7 +18,8 @@ needs the title and the hint::
     ├── WorkspaceError               5  not a workspace, or a damaged one
     │   ├── NotAWorkspace
     │   ├── WorkspaceExists
-    │   └── JournalDamaged           names ``syncengine repair``
+    │   ├── JournalDamaged           names ``syncengine repair``
+    │   └── BlobStoreDamaged         objects/small.db unreadable; names ``syncengine repair``
     ├── GuardError                   6  a safety guard stopped the run until --force
     │   ├── MassDeleteGuard
     │   └── RootMissing
@@ -127,6 +128,16 @@ class JournalDamaged(WorkspaceError):
 
     def __init__(self, message: str, **kwargs) -> None:
         kwargs.setdefault("hint", "run `syncengine repair` to rebuild it from the files")
+        super().__init__(message, **kwargs)
+
+
+class BlobStoreDamaged(WorkspaceError):
+    """The table of small blobs (bases, snapshots' contents) does not read as a database."""
+
+    title = "Blob store damaged"
+
+    def __init__(self, message: str, **kwargs) -> None:
+        kwargs.setdefault("hint", "run `syncengine repair` to set it aside and store the current files again")
         super().__init__(message, **kwargs)
 
 

@@ -69,6 +69,10 @@ class RepairReport:
     moved_aside: str | None
     files: int
     integrity: str  # ok | damaged | missing
+    blobs: str = "ok"  # ok | damaged: the table of small blobs (bases, snapshots' contents)
+    blobs_moved_aside: str | None = None
+    blobs_restored: int = 0  # blobs stored again from the current files
+    blobs_lost: int = 0  # versions the journal names that no file holds any more (older snapshots, bases)
 
 
 @dataclass(frozen=True, slots=True)

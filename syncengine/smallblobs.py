@@ -35,6 +35,8 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
+from syncengine.errors import BlobStoreDamaged
+
 BUSY_SECONDS = 60.0  # another process's batch commits in milliseconds; a minute means it is stuck
 # Pages of a new store (an existing one keeps its own). With SQLite's 4 KiB, a 1-4 KB blob took a page
 # to itself (one over 4,061 bytes two): 10,000 of them were ~12,000 WAL frames of two writes each, and
@@ -56,11 +58,38 @@ _ERRNO = {3: errno.EACCES, 5: errno.EBUSY, 6: errno.EBUSY, 8: errno.EROFS, 10: e
           13: errno.ENOSPC, 14: errno.EACCES, 26: errno.EIO}
 
 
-def os_error(exc: sqlite3.Error, path: str) -> OSError:
-    """An sqlite error as the OSError the rest of the store reports (a full disk is ENOSPC either way)."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    err = _ERRNO.get((code or 0) & 0xFF, errno.EIO)
+_DAMAGED = (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB: no retry helps, `repair` does
+
+
+def os_error(exc: sqlite3.Error, path: str) -> OSError | BlobStoreDamaged:
+    """An sqlite error as the OSError the rest of the store reports (a full disk is ENOSPC either way).
+
+    A table that is no database, or a damaged one, is the workspace's trouble
+    rather than one file's (exit 5, naming `repair`), never an internal error.
+    """
+    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+    if code in _DAMAGED:
+        return BlobStoreDamaged(f"{path} is damaged: {exc}", paths=[path])
+    err = _ERRNO.get(code, errno.EIO)
     return OSError(err, f"{exc} in {os.path.basename(path)}", path)
+
+
+def check(path: str) -> str:
+    """"ok", "missing" or "damaged": whether the table at ``path`` passes SQLite's quick check (for `repair`)."""
+    if not os.path.exists(path):
+        return "missing"
+    try:
+        con = sqlite3.connect(path, timeout=BUSY_SECONDS, isolation_level=None)
+    except sqlite3.Error:
+        return "damaged"
+    try:
+        rows = con.execute("PRAGMA quick_check").fetchall()
+        con.execute("SELECT count(*) FROM blob").fetchone()
+    except sqlite3.Error:
+        return "damaged"
+    finally:
+        con.close()
+    return "ok" if rows == [("ok",)] else "damaged"
 
 
 def _close(con: sqlite3.Connection, pid: int) -> None:

@@ -159,6 +159,43 @@ def test_repair_on_a_healthy_journal_changes_nothing(ws_root: Path):
     assert not list((ws_root / ".syncengine").glob("journal.db.damaged-*"))
 
 
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_blob_store_exits_5_naming_repair_and_repair_stores_the_files_again(ws_root: Path, damage):
+    """A damaged objects/small.db: exit 5 naming repair, nothing written; repair sets it aside, stores the
+    current files again (so the latest snapshot restores), and names the versions only it held as lost."""
+    assert run_cli("-C", ws_root, "snapshot", "-m", "first").code == 0
+    todo = ws_root / "notes" / "todo.md"
+    first = todo.read_bytes()
+    todo.write_bytes(first + b"- an edit the damaged store held\n")
+    assert run_cli("-C", ws_root, "snapshot", "-m", "second").code == 0
+    todo.write_bytes(first)
+    table = ws_root / ".syncengine" / "objects" / "small.db"
+    with sqlite3.connect(table) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    for suffix in ("-wal", "-shm"):
+        Path(f"{table}{suffix}").unlink(missing_ok=True)
+    data = table.read_bytes()
+    table.write_bytes(b"this is not a database" * 100 if damage == "garbage" else data[:100] + b"\xff" * 20000)
+    before = run_cli("-C", ws_root, "snapshots", "--json").json()
+    result = run_cli("-C", ws_root, "snapshot", "-m", "third")
+    assert result.code == 5 and "syncengine repair" in result.stderr and result.stderr.count("\n") == 1
+    assert run_cli("-C", ws_root, "snapshots", "--json").json() == before  # nothing recorded
+
+    repaired = run_cli("-C", ws_root, "repair", "--json")
+    assert repaired.code == 0, repaired.stderr
+    report = repaired.json()
+    assert report["integrity"] == "ok" and report["blobs"] == "damaged"
+    assert Path(report["blobs_moved_aside"]).exists() and report["blobs_restored"] >= 20
+    assert report["blobs_lost"] == 1  # the edit only the second snapshot held
+    assert run_cli("-C", ws_root, "repair", "--json").json()["blobs"] == "ok"  # healthy now
+    assert run_cli("-C", ws_root, "snapshot", "-m", "third").code == 0
+    todo.write_bytes(b"scribbled over\n")
+    assert run_cli("-C", ws_root, "restore", "1", "notes/todo.md").code == 0  # its bytes were stored again
+    assert todo.read_bytes() == first
+    lost = run_cli("-C", ws_root, "restore", "2", "notes/todo.md")
+    assert lost.code == 8 and "missing" in lost.stderr and todo.read_bytes() == first
+
+
 def test_unexpected_exception_exits_70_with_traceback_in_crash_log(ws_root: Path):
     """An internal error prints one line, exits 70, and writes the traceback to crash.log."""
     env = cli_env(SYNCENGINE_FAILPOINT="status.start=raise")
