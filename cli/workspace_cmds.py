@@ -131,8 +131,10 @@ def _render_repair(out: Console, report) -> None:
         out.print(escape(f"Moved the damaged blob store aside to {report.blobs_moved_aside}; stored "
                          f"{report.blobs_restored} current file(s) again."))
         if report.blobs_lost:
-            out.print(f"{report.blobs_lost} earlier version(s) (snapshots, merge bases) are lost: restoring them "
-                      "fails, and a concurrent edit of those files keeps both versions instead of merging.")
+            out.print(f"{report.blobs_lost} earlier version(s) that only snapshots held are lost: restoring "
+                      "them fails.")
+        out.print("A file edited since its last sync lost its merge base: a concurrent edit of it keeps both "
+                  "versions instead of merging.")
     if report.integrity == "ok":
         out.print(f"The journal is healthy ({report.files} file(s))"
                   + ("." if report.blobs_moved_aside else "; nothing to repair."))

@@ -576,7 +576,8 @@ def _set_aside_damaged_blobs(layout: workspace.Layout) -> str | None:
 
 def _store_current_files(ws: Workspace) -> tuple[int, int]:
     """After a damaged blob table: store again each file whose bytes the journal still needs (a base, a
-    snapshot, a conflict's side), so unchanged files merge and restore as before; (stored, still missing)."""
+    snapshot, a conflict's side), so unchanged files merge and restore as before; (stored, snapshot versions
+    lost). Only snapshots count as lost: a base or a remote version missing here is the server's to give."""
     wanted = ws.journal.referenced_hashes()
     stored = 0
     for rel, row in ws.journal.local_index().items():
@@ -586,5 +587,5 @@ def _store_current_files(ws: Workspace) -> tuple[int, int]:
         with contextlib.suppress(OSError, SyncEngineError):  # gone or unreadable now: its versions stay lost
             if ws.blobs.put_file(ws.root / rel)[0] == digest:
                 stored += 1
-    lost = sum(1 for digest in wanted if not ws.blobs.has(digest))
+    lost = sum(1 for digest in ws.journal.snapshot_hashes() if not ws.blobs.has(digest))
     return stored, lost

@@ -72,7 +72,7 @@ class RepairReport:
     blobs: str = "ok"  # ok | damaged: the table of small blobs (bases, snapshots' contents)
     blobs_moved_aside: str | None = None
     blobs_restored: int = 0  # blobs stored again from the current files
-    blobs_lost: int = 0  # versions the journal names that no file holds any more (older snapshots, bases)
+    blobs_lost: int = 0  # versions only snapshots named, that no file holds any more: restoring them fails
 
 
 @dataclass(frozen=True, slots=True)

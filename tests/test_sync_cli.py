@@ -297,6 +297,27 @@ def test_outside_a_workspace_sync_exits_5(tmp_path):
     assert result.code == 5 and result.stderr.count("\n") == 1 and "not inside a syncengine workspace" in result.stderr
 
 
+def test_a_damaged_blob_store_stops_sync_with_exit_5_and_repair_lets_it_converge(kit):
+    """A sync over a damaged objects/small.db exits 5 naming repair; after repair both edits go through."""
+    a = kit.replica({"a.md": "a\n", "b.json": '{"b": 1}\n'})
+    b = kit.replica()
+    converge(a, b)
+    table = a.root / ".syncengine" / "objects" / "small.db"
+    with sqlite3.connect(table) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    for suffix in ("-wal", "-shm"):
+        table.with_name(table.name + suffix).unlink(missing_ok=True)
+    table.write_bytes(b"not a database" * 1000)
+    a.write("a.md", "a, edited\n")
+    b.write("b.json", '{"b": 2}\n')
+    b.sync()
+    result = a.cli("sync")
+    assert result.code == 5 and "syncengine repair" in result.stderr and result.stderr.count("\n") == 1
+    assert a.cli("repair").code == 0 and a.cli("sync").code == 0
+    converge(a, b)
+    assert assert_converged(a, b) == {"a.md": b"a, edited\n", "b.json": b'{"b": 2}\n'}
+
+
 def test_a_damaged_journal_exits_5_naming_repair_then_repair_and_sync_lose_nothing(kit):
     """A garbage journal.db: sync exits 5 naming `syncengine repair`; after repair, sync keeps every version."""
     a = kit.replica({"same.md": "same\n", "edit.md": "v1\n"})
