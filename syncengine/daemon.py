@@ -36,6 +36,7 @@ from pathlib import Path
 from syncengine import daemonctl, progress, scanner
 from syncengine.autosave import AutosavePolicy
 from syncengine.autosync import AutoSync
+from syncengine.errors import SyncEngineError
 from syncengine.history import iso
 from syncengine.locks import is_locked
 from syncengine.tracker import ChangeTracker, root_present
@@ -332,7 +333,14 @@ class Daemon:
         # whatever the scan still found, or an edit could wait for the next poll.
         self.tracker.wait(0)
         self.tracker.step(force=True)
-        info = self.ws.snapshot(f"autosave: {reason}", trigger="auto", skip_if_unchanged=True)
+        try:
+            info = self.ws.snapshot(f"autosave: {reason}", trigger="auto", skip_if_unchanged=True)
+        except SyncEngineError as exc:
+            # A full disk, a damaged blob table: watching, journaling and syncing go on without the
+            # snapshot (it was the whole daemon's end), and the next one comes at the policy's next turn.
+            self.autosave.taken(time.monotonic())
+            self.notice("warning", "autosave-failed", f"autosave failed: {exc.one_line()}")
+            return
         self._others_journaled(force=True)
         self.autosave.taken(time.monotonic())
         if info is not None:

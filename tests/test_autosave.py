@@ -136,3 +136,38 @@ def test_daemon_snapshots_when_ten_distinct_paths_are_pending(tmp_path: Path, da
     wait_until(lambda: len(snapshots()) == start + 2, timeout=30, message="the tenth path's snapshot")
     newest = snapshots()[0]
     assert newest.trigger == "auto" and newest.changed == 10 and "10 paths pending" in (newest.message or "")
+
+
+@pytest.mark.integration
+def test_a_failing_autosave_warns_and_the_daemon_goes_on_journaling(tmp_path: Path, daemons: Daemons):
+    """A damaged blob table makes autosave fail: a warning (log channel, `daemon status`), and the daemon
+    keeps watching and journaling (the failure used to end it)."""
+    root = make_ws(tmp_path / "w", files={"keep.txt": "k"})
+    with Workspace(root) as ws:
+        ws.snapshot("before the daemon")
+    table = root / ".syncengine" / "objects" / "small.db"
+    table.unlink()
+    for suffix in ("-wal", "-shm"):
+        table.with_name(table.name + suffix).unlink(missing_ok=True)
+    table.write_bytes(b"not a database" * 1000)
+    daemons.start(root)
+    wait_until(lambda: daemons.state(root).get("state") == "watching", timeout=30, message="the daemon to watch")
+    (root / "first.txt").write_text("1")
+
+    def warned() -> dict | None:
+        with Workspace(root) as ws:
+            notes = [e.payload for e in ws.recent_events(100, "log")]
+        return next((n for n in notes if n["code"] == "autosave-failed"), None)
+
+    note = wait_until(warned, timeout=30, message="the autosave's warning")
+    assert "Blob store damaged" in note["message"] and "repair" in note["message"]
+    (root / "second.txt").write_text("2")
+
+    def journaled() -> bool:
+        with Workspace(root) as ws:
+            return {"first.txt", "second.txt"} <= set(ws.journal.local_index())
+
+    wait_until(journaled, timeout=30, message="both files journaled while autosave fails")
+    assert daemons.state(root).get("state") == "watching"
+    with Workspace(root) as ws:
+        assert "autosave failed" in (ws.daemon_info().warning or "")
