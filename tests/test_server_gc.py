@@ -164,3 +164,24 @@ def test_server_gc_cli(tmp_path, server_factory, storage):
         result = run_cli("server", "gc", *bad, *flags)
         assert result.code == 2 and words in result.stderr and len(result.stderr.strip().splitlines()) == 1
         assert "Traceback" not in result.stderr
+
+
+def test_a_manifest_whose_part_gc_dropped_meanwhile_stores_nothing(tmp_path, storage):
+    """The manifest's parts were checked, then a gc dropped one before the manifest was written: nothing is
+    stored (the route answers 409 blob_not_found, and the client uploads the part again next round)."""
+    from syncengine.server.storage import Storage
+
+    server_storage = Storage(storage.db_url, storage.data_dir)
+    try:
+        ws_id = server_storage.ensure_workspace("w")
+        parts = []
+        for data in (b"part one " * 100, b"part two " * 100):
+            digest = hashlib.sha256(data).hexdigest()
+            server_storage.put_blob(ws_id, digest, len(data), [(False, data)])
+            parts += server_storage.blob_infos(ws_id, [digest]).values()
+        whole = hashlib.sha256(b"part one " * 100 + b"part two " * 100).hexdigest()
+        assert collect(server_storage, 0, now_ns=_later()).workspaces[0].blobs_dropped == 2  # nothing names them
+        assert server_storage.put_manifest(ws_id, whole, 1800, parts) is None
+        assert server_storage.blob_infos(ws_id, [whole]) == {}
+    finally:
+        server_storage.close()

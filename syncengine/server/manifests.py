@@ -64,6 +64,9 @@ def put_manifest(storage: Storage, ws_id: int, digest: str, body: Any, max_blob:
             400, "hash_mismatch", "the chunks do not hash to the blob's name; nothing stored"
         )
     stored = storage.put_manifest(ws_id, digest, manifest.size, parts)
+    if stored is None:
+        raise ApiError(409, "blob_not_found", "a chunk of the manifest left the server meanwhile (server gc); "
+                       "upload it again (nothing stored)")
     return {"hash": digest, "size": manifest.size, "stored": stored}
 
 

@@ -639,14 +639,27 @@ class Storage:
             return None
         return B.create(workspace=ws_id, hash=digest, size=size, chunks=0, created_ns=time.time_ns())
 
-    def put_manifest(self, ws_id: int, digest: str, size: int, parts: list[BlobInfo]) -> bool:
+    def put_manifest(self, ws_id: int, digest: str, size: int, parts: list[BlobInfo]) -> bool | None:
         """Store a verified blob as its parts (blobs of this workspace), in one transaction.
 
         The caller has checked that the parts exist and hash, in order, to
-        ``digest``. Returns False when the workspace already had the blob.
+        ``digest``. Returns False when the workspace already had the blob, and
+        None (nothing stored) when a part went away since the check: a server
+        gc dropped it (server/gc.py). The parts are locked against deletion
+        while the manifest is written (PostgreSQL; SQLite's writer lock does).
         """
         P = self.m.BlobPart
         with self._write():
+            ids = sorted({part.pk for part in parts})
+            lock = " FOR KEY SHARE" if self.postgres else ""
+            present = 0
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                marks = ", ".join([self.db.param] * len(chunk))
+                present += len(self.db.execute_sql(
+                    f'SELECT "id" FROM "blob" WHERE "id" IN ({marks}){lock}', chunk).fetchall())
+            if present != len(ids):
+                return None
             blob = self._new_blob(ws_id, digest, size)
             if blob is None:
                 return False
