@@ -43,10 +43,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from syncengine.errors import UsageError
+from syncengine.server.db import StorageError
 from syncengine.server.storage import Storage
 
 GRACE_NS = 3600 * 10**9  # blobs stored within the last hour stay (uploaded for a commit still to come)
 BATCH = 500  # blobs dropped per transaction
+RETRIES = 3  # batches chosen again after a concurrent manifest named one of their blobs
 
 
 @dataclass(eq=False)
@@ -128,15 +130,24 @@ def _collect_one(storage: Storage, ws_id: int, name: str, cutoff: int, grace: in
         f' ORDER BY "id" LIMIT {BATCH}'
     )
     blobs = freed = 0
+    conflicts = 0
     while True:
-        with txn():
-            rows = db.execute_sql(unnamed, (ws_id, grace, ws_id, ws_id)).fetchall()
-            if not rows:
-                break
-            ids = [row[0] for row in rows]
-            marks = ", ".join([q] * len(ids))
-            for table, column in (("blob_part", "blob_id"), ("blob_chunk", "blob_id"), ("blob", "id")):
-                db.execute_sql(f'DELETE FROM "{table}" WHERE "{column}" IN ({marks})', ids)
+        try:
+            with txn():
+                rows = db.execute_sql(unnamed, (ws_id, grace, ws_id, ws_id)).fetchall()
+                if not rows:
+                    break
+                ids = [row[0] for row in rows]
+                marks = ", ".join([q] * len(ids))
+                for table, column in (("blob_part", "blob_id"), ("blob_chunk", "blob_id"), ("blob", "id")):
+                    db.execute_sql(f'DELETE FROM "{table}" WHERE "{column}" IN ({marks})', ids)
+        except StorageError:
+            # PostgreSQL: a manifest written meanwhile named one of these as its part (its foreign key
+            # refuses the delete); the batch rolled back whole. Choose again, a few times at most.
+            conflicts += 1
+            if conflicts > RETRIES:
+                raise
+            continue
         blobs += len(rows)
         freed += sum(size for _id, size, chunks in rows if chunks or not size)  # a manifest's bytes are its parts'
     return WorkspaceGc(name, new_min, last_seq, changes, ops, blobs, freed)
