@@ -121,20 +121,35 @@ def _collect_one(storage: Storage, ws_id: int, name: str, cutoff: int, grace: in
         if new_min != min_seq:
             db.execute_sql(f'UPDATE "workspace" SET "min_seq" = {q} WHERE "id" = {q}', (new_min, ws_id))
     # Blobs nothing names any more, oldest first. A manifest is dropped before its parts, which
-    # a later batch finds unnamed then (a part is never itself a manifest).
-    unnamed = (
-        f'SELECT "id", "size", "chunks" FROM "blob" WHERE "workspace_id" = {q} AND "created_ns" < {q}'
-        f' AND "hash" NOT IN (SELECT "hash" FROM "document" WHERE "workspace_id" = {q} AND "hash" IS NOT NULL)'
-        f' AND "hash" NOT IN (SELECT "hash" FROM "change" WHERE "workspace_id" = {q} AND "hash" IS NOT NULL)'
-        f' AND "id" NOT IN (SELECT "part_id" FROM "blob_part")'
-        f' ORDER BY "id" LIMIT {BATCH}'
-    )
+    # a later batch finds unnamed then (a part is never itself a manifest). SQLite answers NOT IN
+    # (subquery) from an index it builds once; PostgreSQL a NOT EXISTS as a hash anti-join (its
+    # NOT IN falls back to a scan per row once the hashes outgrow work_mem).
+    if storage.postgres:
+        unnamed = (
+            f'SELECT b."id", b."size", b."chunks" FROM "blob" b WHERE b."workspace_id" = {q} AND b."created_ns" < {q}'
+            ' AND NOT EXISTS (SELECT 1 FROM "document" d WHERE d."workspace_id" = b."workspace_id"'
+            ' AND d."hash" = b."hash")'
+            ' AND NOT EXISTS (SELECT 1 FROM "change" c WHERE c."workspace_id" = b."workspace_id"'
+            ' AND c."hash" = b."hash")'
+            ' AND NOT EXISTS (SELECT 1 FROM "blob_part" p WHERE p."part_id" = b."id")'
+            f' ORDER BY b."id" LIMIT {BATCH}'
+        )
+        params: tuple = (ws_id, grace)
+    else:
+        unnamed = (
+            f'SELECT "id", "size", "chunks" FROM "blob" WHERE "workspace_id" = {q} AND "created_ns" < {q}'
+            f' AND "hash" NOT IN (SELECT "hash" FROM "document" WHERE "workspace_id" = {q} AND "hash" IS NOT NULL)'
+            f' AND "hash" NOT IN (SELECT "hash" FROM "change" WHERE "workspace_id" = {q} AND "hash" IS NOT NULL)'
+            ' AND "id" NOT IN (SELECT "part_id" FROM "blob_part")'
+            f' ORDER BY "id" LIMIT {BATCH}'
+        )
+        params = (ws_id, grace, ws_id, ws_id)
     blobs = freed = 0
     conflicts = 0
     while True:
         try:
             with txn():
-                rows = db.execute_sql(unnamed, (ws_id, grace, ws_id, ws_id)).fetchall()
+                rows = db.execute_sql(unnamed, params).fetchall()
                 if not rows:
                     break
                 ids = [row[0] for row in rows]
