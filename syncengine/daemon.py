@@ -36,7 +36,7 @@ from pathlib import Path
 from syncengine import daemonctl, progress, scanner
 from syncengine.autosave import AutosavePolicy
 from syncengine.autosync import AutoSync
-from syncengine.errors import SyncEngineError
+from syncengine.errors import BlobStoreDamaged, BusyError, FileSystemError, SyncEngineError
 from syncengine.history import iso
 from syncengine.locks import is_locked
 from syncengine.tracker import ChangeTracker, root_present
@@ -46,6 +46,7 @@ from syncengine.workspace import Layout
 log = logging.getLogger("syncengine.daemon")
 
 TICK = 1.0  # the journal worker wakes at least this often (health checks, timers)
+RETRY_FIRST, RETRY_MOST = 2.0, 60.0  # seconds before the full rescan that follows a failed tick, doubling
 
 
 def jittered(interval: float) -> float:
@@ -188,11 +189,22 @@ class Daemon:
                 self._snapshot("unsnapshotted changes found at start")
             self._seen_local = self._last_local_seq()  # the sync worker's first round takes these
             self._set(state="watching")
+            pause = RETRY_FIRST
             while not self._stop.is_set():
                 self.tracker.wait(self._timeout())
                 if self._stop.is_set():
                     break
-                self._tick()
+                try:
+                    self._tick()
+                    pause = RETRY_FIRST
+                except (FileSystemError, BusyError, BlobStoreDamaged) as exc:
+                    # A full disk, a read-only remount, a sync holding the scan lock past sync.wait: what
+                    # this tick took from the watcher may not be journaled, so a full rescan follows a
+                    # pause (doubling to RETRY_MOST). It used to end the worker, and so the daemon.
+                    self.notice("error", "journal-failed", f"{exc.one_line()}; a full rescan in {pause:.0f} s")
+                    self._stop.wait(pause)
+                    pause = min(pause * 2, RETRY_MOST)
+                    self._rescan_reason = "retry after an error"
         except BaseException as exc:
             self.failed = exc
             log.exception("the journal worker failed; stopping the daemon")

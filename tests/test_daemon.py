@@ -244,3 +244,31 @@ def test_an_edit_another_process_journaled_is_synced_at_once(tmp_path: Path, ser
         assert ws.journal.doc_by_path("x.txt") is not None
     os.unlink(a / ".git/index.lock")
     wait_until(lambda: _text(b / "x.txt") == "journaled by status", timeout=20, message="the edit in B")
+
+
+def test_a_tick_that_cannot_journal_is_retried_and_the_daemon_goes_on(tmp_path: Path, daemons: Daemons):
+    """A full rescan kept waiting for the scan lock past sync.wait (a long CLI sync) is an error notice and a
+    retry, never the daemon's end: once the lock is free, what was written meanwhile is journaled."""
+    root = make_ws(tmp_path / "w", files={"keep.txt": "k"},
+                   config={"sync": {"wait": 0.5}, "daemon": {"rescan_interval": 1.0}})
+    daemons.start(root)
+    wait_until(lambda: daemons.state(root).get("state") == "watching", timeout=30, message="the daemon to watch")
+
+    def failed() -> dict | None:
+        with Workspace(root) as ws:
+            notes = [e.payload for e in ws.recent_events(100, "log")]
+        return next((n for n in notes if n["code"] == "journal-failed"), None)
+
+    with FileLock(root / ".syncengine" / "scan.lock", "scan").acquire(timeout=0):
+        note = wait_until(failed, timeout=30, message="the periodic rescan's failure to get the scan lock")
+        assert "Busy" in note["message"] and "rescan" in note["message"]
+        (root / "during.txt").write_text("written while the daemon could not journal\n")
+
+    def journaled() -> bool:
+        with Workspace(root) as ws:
+            return "during.txt" in ws.journal.local_index()
+
+    wait_until(journaled, timeout=60, message="the file written meanwhile journaled after the retry")
+    state = daemons.state(root)
+    assert state.get("state") == "watching" and state.get("pid")
+    os.kill(state["pid"], 0)  # still running
