@@ -31,6 +31,7 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from syncengine import daemonctl, progress, scanner
@@ -183,28 +184,18 @@ class Daemon:
 
     def _journal_worker(self) -> None:
         try:
-            self._rescan("catch-up", force=True)
+            if not self._retrying(lambda: self._rescan("catch-up", force=True)):
+                return  # stopped before the catch-up could run
             self._warm_up()
             if self.ws.journal.unsnapshotted_count():
                 self._snapshot("unsnapshotted changes found at start")
             self._seen_local = self._last_local_seq()  # the sync worker's first round takes these
             self._set(state="watching")
-            pause = RETRY_FIRST
             while not self._stop.is_set():
                 self.tracker.wait(self._timeout())
                 if self._stop.is_set():
                     break
-                try:
-                    self._tick()
-                    pause = RETRY_FIRST
-                except (FileSystemError, BusyError, BlobStoreDamaged) as exc:
-                    # A full disk, a read-only remount, a sync holding the scan lock past sync.wait: what
-                    # this tick took from the watcher may not be journaled, so a full rescan follows a
-                    # pause (doubling to RETRY_MOST). It used to end the worker, and so the daemon.
-                    self.notice("error", "journal-failed", f"{exc.one_line()}; a full rescan in {pause:.0f} s")
-                    self._stop.wait(pause)
-                    pause = min(pause * 2, RETRY_MOST)
-                    self._rescan_reason = "retry after an error"
+                self._retrying(self._tick)
         except BaseException as exc:
             self.failed = exc
             log.exception("the journal worker failed; stopping the daemon")
@@ -212,6 +203,28 @@ class Daemon:
             self._stop.set()
         finally:
             self.ws.close()
+
+    def _retrying(self, step: Callable[[], object]) -> bool:
+        """Run ``step`` until it goes through; False if the daemon stops first.
+
+        A full disk, a read-only remount, a `syncengine sync` holding the scan
+        lock past sync.wait: an error notice, then ``step`` again after a pause
+        doubling from RETRY_FIRST to RETRY_MOST. These used to end the journal
+        worker, and so the daemon (a long first sync beside its periodic
+        rescan was enough).
+        """
+        pause = RETRY_FIRST
+        while True:
+            try:
+                step()
+                return True
+            except (FileSystemError, BusyError, BlobStoreDamaged) as exc:
+                self.notice("error", "journal-failed", f"{exc.one_line()}; a full rescan in {pause:.0f} s")
+                # What a failed tick took from the watcher may not be journaled: the retry rescans.
+                self._rescan_reason = "retry after an error"
+            if self._stop.wait(pause):
+                return False
+            pause = min(pause * 2, RETRY_MOST)
 
     def _warm_up(self) -> None:
         """Import the field differ now, not on the first edit (it costs ~0.2 s of the first change's latency)."""

@@ -246,21 +246,27 @@ def test_an_edit_another_process_journaled_is_synced_at_once(tmp_path: Path, ser
     wait_until(lambda: _text(b / "x.txt") == "journaled by status", timeout=20, message="the edit in B")
 
 
-def test_a_tick_that_cannot_journal_is_retried_and_the_daemon_goes_on(tmp_path: Path, daemons: Daemons):
-    """A full rescan kept waiting for the scan lock past sync.wait (a long CLI sync) is an error notice and a
-    retry, never the daemon's end: once the lock is free, what was written meanwhile is journaled."""
+@pytest.mark.parametrize("when", ["periodic rescan", "start-up catch-up"])
+def test_a_scan_that_cannot_journal_is_retried_and_the_daemon_goes_on(tmp_path: Path, daemons: Daemons, when):
+    """A full scan kept waiting for the scan lock past sync.wait (a long CLI sync), at start-up or later, is
+    an error notice and a retry, never the daemon's end: once the lock is free, what was written meanwhile is
+    journaled."""
     root = make_ws(tmp_path / "w", files={"keep.txt": "k"},
                    config={"sync": {"wait": 0.5}, "daemon": {"rescan_interval": 1.0}})
-    daemons.start(root)
-    wait_until(lambda: daemons.state(root).get("state") == "watching", timeout=30, message="the daemon to watch")
+    lock = FileLock(root / ".syncengine" / "scan.lock", "scan")
 
     def failed() -> dict | None:
         with Workspace(root) as ws:
             notes = [e.payload for e in ws.recent_events(100, "log")]
         return next((n for n in notes if n["code"] == "journal-failed"), None)
 
-    with FileLock(root / ".syncengine" / "scan.lock", "scan").acquire(timeout=0):
-        note = wait_until(failed, timeout=30, message="the periodic rescan's failure to get the scan lock")
+    if when == "periodic rescan":
+        daemons.start(root)
+        wait_until(lambda: daemons.state(root).get("state") == "watching", timeout=30, message="the daemon to watch")
+    with lock.acquire(timeout=0):
+        if when == "start-up catch-up":
+            daemons.start(root)
+        note = wait_until(failed, timeout=30, message=f"the {when}'s failure to get the scan lock")
         assert "Busy" in note["message"] and "rescan" in note["message"]
         (root / "during.txt").write_text("written while the daemon could not journal\n")
 
@@ -269,6 +275,5 @@ def test_a_tick_that_cannot_journal_is_retried_and_the_daemon_goes_on(tmp_path: 
             return "during.txt" in ws.journal.local_index()
 
     wait_until(journaled, timeout=60, message="the file written meanwhile journaled after the retry")
-    state = daemons.state(root)
-    assert state.get("state") == "watching" and state.get("pid")
-    os.kill(state["pid"], 0)  # still running
+    wait_until(lambda: daemons.state(root).get("state") == "watching", timeout=30, message="the daemon to watch")
+    os.kill(daemons.state(root)["pid"], 0)  # still running
