@@ -362,8 +362,39 @@ class Workspace:
         return recent(self.events, limit, channels)
 
     def conflicts(self) -> list[ConflictInfo]:
-        """Open conflicts (manual ones waiting for `resolve`), with the fields or lines involved."""
-        return self.conflict_infos(self.journal.open_conflicts())
+        """Open conflicts (manual ones waiting for `resolve`), with the fields or lines involved.
+
+        The fields are those of the file as it is now: one edited further
+        while the conflict waits (a person working towards a resolution)
+        is compared again with the base and the server's version, so the
+        list never names a field already brought in line, nor misses a new one.
+        """
+        import json
+
+        rows = self.journal.open_conflicts()
+        for row in rows:
+            details = self._involved_now(row)
+            if details is not None:
+                row["details"] = json.dumps(list(details))
+        return self.conflict_infos(rows)
+
+    def _involved_now(self, row: dict) -> tuple[str, ...] | None:
+        """The fields or lines involved for the file as it is now, or None: unchanged, gone, or a side missing."""
+        from syncengine.conflicts import involved
+        from syncengine.documents import kind_for
+        from syncengine.fsops import read_bytes, sha256
+
+        try:
+            local, _stat = read_bytes(self.root / row["path"])
+        except (OSError, SyncEngineError):
+            return None
+        if sha256(local) == row.get("local_hash") or not row.get("remote_hash"):
+            return None
+        blobs = self.blobs
+        if not blobs.has(row["remote_hash"]) or (row.get("base_hash") and not blobs.has(row["base_hash"])):
+            return None
+        base = blobs.get(row["base_hash"]) if row.get("base_hash") else None
+        return involved(kind_for(row["path"], local[:4096]), base, local, blobs.get(row["remote_hash"]))
 
     def resolve(self, path: str, take: str | None = None) -> ConflictInfo:
         """Settle the open conflict at ``path`` (workspace-relative); the next sync pushes the choice.

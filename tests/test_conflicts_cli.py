@@ -64,6 +64,21 @@ def test_manual_lists_fields_then_resolve_remote_converges(net):
     assert json.loads(net.settle(a, b)["plan.json"])["title"] == "A"
 
 
+def test_conflicts_lists_the_fields_of_the_file_as_it_is_now(net):
+    """An open manual conflict edited further by hand: `conflicts` compares the file as it is now, so a field
+    brought in line leaves the list, and once nothing collides it lists what either side changed."""
+    _a, b = manual_conflict(net, {**DOC, "title": "A", "tags": ["a"]}, {**DOC, "title": "B", "tags": ["b"]})
+    (conflict,) = cli(b, "conflicts", "--json").json()
+    assert sorted(conflict["details"]) == ["tags", "title"]
+    write(b, "plan.json", {**DOC, "title": "A", "tags": ["b"]})  # the title brought in line with A's
+    (conflict,) = cli(b, "conflicts", "--json").json()
+    assert conflict["details"] == ["tags"]
+    # Now nothing collides: every field either side changed is listed, as for any clean merge (involved()).
+    write(b, "plan.json", {**DOC, "title": "A", "tags": ["a"], "zones": [{"id": "z1", "text": "uno"}]})
+    (conflict,) = cli(b, "conflicts", "--json").json()
+    assert conflict["details"] == ["title", "tags[0]", "zones[id=z1].text", "zones[id=z2]"]
+
+
 def test_resolve_merged_combines_disjoint_edits(net):
     """resolve --take merged writes the three-way merge, which the next sync pushes everywhere."""
     a_doc = {**DOC, "zones": [{"id": "z1", "text": "ONE"}, {"id": "z2", "text": "two"}]}
