@@ -196,8 +196,9 @@ def server_gc(keep, workspace, dry_run, db_url, data_dir, as_json) -> None:
 
     Every document's current version stays, and so does every blob stored in
     the last hour. A replica away for longer than --keep gets the full
-    listing on its next sync and deletes nothing on that basis. Safe while
-    servers run: each step holds the workspace's lock, as commits do.
+    listing on its next sync: it loses nothing, and deletions made meanwhile
+    still reach it. Safe while servers run: each step holds the workspace's
+    lock, as commits do.
     """
     from syncengine.config import parse_duration
     from syncengine.server.admin import collect_garbage, open_storage
