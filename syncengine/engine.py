@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 from syncengine import scanner, workspace
 from syncengine.config import Config
 from syncengine.credentials import save_token
-from syncengine.errors import JournalDamaged, SyncEngineError, UsageError
-from syncengine.fsops import clean_temp_files, failpoint, recover_trash
-from syncengine.journal import EventLog, Journal, integrity_ok
+from syncengine.errors import SyncEngineError, UsageError
+from syncengine.fsops import failpoint, recover_trash
+from syncengine.journal import EventLog, Journal
 from syncengine.locks import FileLock
 from syncengine.models import ConflictInfo, InitReport, ScanReport
 from syncengine.paths import IgnoreRules, check_path
@@ -539,84 +539,7 @@ class Workspace:
 
     @classmethod
     def repair(cls, root: Path) -> RepairReport:
-        """Set a damaged journal aside and rebuild it from the files, with no base.
+        """Set a damaged journal (or blob table) aside and rebuild it from the files: see syncengine.repair."""
+        from syncengine import repair
 
-        With no base the next sync deletes nothing: every difference with the
-        server becomes a conflict (Unison's conservative rule). A blob table
-        that fails its check is set aside too, and every current file whose
-        bytes the journal still names is stored again: unchanged files merge
-        and restore as before, older versions only it held are reported lost.
-        """
-        layout = workspace.Layout(root)
-        state = "missing"
-        if layout.journal.exists():
-            state = "damaged"
-            with contextlib.suppress(Exception):
-                journal = Journal.open(layout.journal)
-                try:
-                    if journal.integrity_ok():
-                        state = "ok"
-                finally:
-                    journal.close()
-        moved = None
-        if state == "damaged":
-            import shutil  # not at import: it loads bz2, lzma and zlib (~2 ms of every `status`)
-
-            stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-            moved = layout.state / f"journal.db.damaged-{stamp}"
-            for suffix in ("", "-wal", "-shm"):
-                src = Path(str(layout.journal) + suffix)
-                if src.exists():
-                    shutil.move(src, Path(str(moved) + suffix))
-            for suffix in ("", "-wal", "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(str(layout.events) + suffix)
-        blobs_moved = _set_aside_damaged_blobs(layout)
-        ws = cls(root)
-        try:
-            if state == "ok":
-                files = ws.journal.count_present()
-            else:
-                clean_temp_files(root)
-                files = ws.scan().files
-                if not integrity_ok(ws.journal.db):
-                    raise JournalDamaged("the rebuilt journal failed its integrity check")
-            restored = lost = 0
-            if blobs_moved is not None:
-                restored, lost = _store_current_files(ws)
-        finally:
-            ws.close()
-        return _views().RepairReport(str(moved) if moved else None, files, state,
-                                     "damaged" if blobs_moved else "ok", blobs_moved, restored, lost)
-
-
-def _set_aside_damaged_blobs(layout: workspace.Layout) -> str | None:
-    """Move a blob table that fails its check aside (with its -wal and -shm); where it went, or None."""
-    from syncengine import smallblobs
-
-    table = layout.objects / "small.db"
-    if smallblobs.check(str(table)) != "damaged":
-        return None
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    aside = table.with_name(f"small.db.damaged-{stamp}")
-    for suffix in ("", "-wal", "-shm"):
-        with contextlib.suppress(FileNotFoundError):
-            os.replace(f"{table}{suffix}", f"{aside}{suffix}")
-    return str(aside)
-
-
-def _store_current_files(ws: Workspace) -> tuple[int, int]:
-    """After a damaged blob table: store again each file whose bytes the journal still needs (a base, a
-    snapshot, a conflict's side), so unchanged files merge and restore as before; (stored, snapshot versions
-    lost). Only snapshots count as lost: a base or a remote version missing here is the server's to give."""
-    wanted = ws.journal.referenced_hashes()
-    stored = 0
-    for rel, row in ws.journal.local_index().items():
-        digest = row[1]
-        if digest not in wanted or ws.blobs.has(digest):
-            continue
-        with contextlib.suppress(OSError, SyncEngineError):  # gone or unreadable now: its versions stay lost
-            if ws.blobs.put_file(ws.root / rel)[0] == digest:
-                stored += 1
-    lost = sum(1 for digest in ws.journal.snapshot_hashes() if not ws.blobs.has(digest))
-    return stored, lost
+        return repair.repair(cls, root)
