@@ -204,7 +204,7 @@ def server_gc(keep, workspace, dry_run, db_url, data_dir, as_json) -> None:
     from syncengine.server.admin import collect_garbage, open_storage
 
     seconds = parse_duration(keep)
-    storage = open_storage(db_url, data_dir)
+    storage = open_storage(db_url, data_dir, existing=True)
     try:
         report = collect_garbage(storage, seconds, workspace, dry_run=dry_run)
     finally:

@@ -164,6 +164,9 @@ def test_server_gc_cli(tmp_path, server_factory, storage):
         result = run_cli("server", "gc", *bad, *flags)
         assert result.code == 2 and words in result.stderr and len(result.stderr.strip().splitlines()) == 1
         assert "Traceback" not in result.stderr
+    nowhere = tmp_path / "mistyped-data"  # a mistyped --data: refused, and no empty database made there
+    result = run_cli("server", "gc", "--data", nowhere)
+    assert result.code == 2 and "no server database" in result.stderr and not nowhere.exists()
 
 
 def test_a_manifest_whose_part_gc_dropped_meanwhile_stores_nothing(tmp_path, storage):

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from syncengine.errors import UsageError
 from syncengine.protocol import ProtocolError, check_workspace
+from syncengine.server.db import DB_FILE
 from syncengine.server.storage import Storage, TokenInfo
 
 if TYPE_CHECKING:
@@ -21,8 +22,17 @@ if TYPE_CHECKING:
 DEFAULT_DATA_DIR = Path("syncengine-server")
 
 
-def open_storage(db_url: str | None = None, data_dir: Path | str | None = None) -> Storage:
-    """The storage ``--db``/``--data`` name (``./syncengine-server`` by default)."""
+def open_storage(db_url: str | None = None, data_dir: Path | str | None = None, *, existing: bool = False
+                 ) -> Storage:
+    """The storage ``--db``/``--data`` name (``./syncengine-server`` by default).
+
+    ``existing`` (server gc): refuse a data folder holding no server
+    database, rather than make an empty one where a mistyped ``--data``
+    points and report "no workspaces".
+    """
+    folder = Path(data_dir if data_dir is not None else DEFAULT_DATA_DIR)
+    if existing and not db_url and not (folder / DB_FILE).is_file():
+        raise UsageError(f"no server database in {folder} (check --data, or --db for PostgreSQL)")
     return Storage(db_url, data_dir if data_dir is not None or db_url else DEFAULT_DATA_DIR)
 
 
