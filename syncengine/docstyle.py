@@ -69,7 +69,7 @@ def dump_json(value: Any, like: bytes | None) -> bytes:
 
 
 _INLINE_HINT = re.compile(r"[\[{][ \t]*[^\s\]}]")  # an opening bracket with content on its own line
-_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{},:]|[^\s\[\]{},:"]+')
+_TOKEN = re.compile(_STRING.pattern + r'|[\[\]{},:]|[^\s\[\]{},:"]+')  # a string, a bracket or mark, a bare word
 
 
 class _Layout:

@@ -381,7 +381,7 @@ class Workspace:
     def _involved_now(self, row: dict) -> tuple[str, ...] | None:
         """The fields or lines involved for the file as it is now, or None: unchanged, gone, or a side missing."""
         from syncengine.conflicts import involved
-        from syncengine.documents import kind_for
+        from syncengine.documents import HEAD_BYTES, kind_for
         from syncengine.fsops import read_bytes, sha256
 
         try:
@@ -394,7 +394,7 @@ class Workspace:
         if not blobs.has(row["remote_hash"]) or (row.get("base_hash") and not blobs.has(row["base_hash"])):
             return None
         base = blobs.get(row["base_hash"]) if row.get("base_hash") else None
-        return involved(kind_for(row["path"], local[:4096]), base, local, blobs.get(row["remote_hash"]))
+        return involved(kind_for(row["path"], local[:HEAD_BYTES]), base, local, blobs.get(row["remote_hash"]))
 
     def resolve(self, path: str, take: str | None = None) -> ConflictInfo:
         """Settle the open conflict at ``path`` (workspace-relative); the next sync pushes the choice.

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from syncengine.lazy import forwarding
+
 
 class Op(enum.StrEnum):
     CREATED = "created"
@@ -181,16 +183,5 @@ _VIEWS = frozenset({"SnapshotInfo", "PendingCounts", "PendingItem", "TaskInfo", 
                     "LogEntry", "DocDiff", "RestoreReport", "RepairReport", "Event"})
 
 
-def __getattr__(name: str) -> Any:
-    if name in _VIEWS:
-        from syncengine import views
-
-        value = getattr(views, name)
-        globals()[name] = value
-        return value
-    if name == "FieldChange":  # made by syncengine.docdiff alone, which a diff or a merge loads (with deepdiff)
-        from syncengine.docdiff import FieldChange
-
-        globals()[name] = FieldChange
-        return FieldChange
-    raise AttributeError(f"module 'syncengine.models' has no attribute {name!r}")
+# FieldChange is made by syncengine.docdiff alone, which a diff or a merge loads (with deepdiff).
+__getattr__ = forwarding(globals(), {**dict.fromkeys(_VIEWS, "syncengine.views"), "FieldChange": "syncengine.docdiff"})

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from syncengine.errors import UnsafePath
+from syncengine.lazy import forwarding
 from syncengine.paths import MAX_PATH_BYTES as MAX_PATH_BYTES  # a limit of the protocol too
 from syncengine.paths import check_path
 
@@ -403,11 +404,4 @@ _EXCHANGE = frozenset({"Health", "ErrorBody", "DocEntry", "DocsPage", "CommitIte
                        "PackResponse", "Manifest", "PackEntry", "PackHeader", "encode_pack_header"})
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXCHANGE:
-        from syncengine import exchange
-
-        value = getattr(exchange, name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'syncengine.protocol' has no attribute {name!r}")
+__getattr__ = forwarding(globals(), dict.fromkeys(_EXCHANGE, "syncengine.exchange"))

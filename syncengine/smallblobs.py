@@ -53,9 +53,9 @@ _PUT_ONE_STEP = (
 )
 _PUT_ROW = ("INSERT INTO blob (digest, stored_at, data) VALUES (?, ?, ?)"
             " ON CONFLICT (digest) DO UPDATE SET stored_at = excluded.stored_at")
-# sqlite's primary result codes -> the errno a person reads as the same trouble
-_ERRNO = {3: errno.EACCES, 5: errno.EBUSY, 6: errno.EBUSY, 8: errno.EROFS, 10: errno.EIO, 11: errno.EIO,
-          13: errno.ENOSPC, 14: errno.EACCES, 26: errno.EIO}
+# sqlite's primary result codes -> the errno a person reads as the same trouble (11 and 26: _DAMAGED, below)
+_ERRNO = {3: errno.EACCES, 5: errno.EBUSY, 6: errno.EBUSY, 8: errno.EROFS, 10: errno.EIO, 13: errno.ENOSPC,
+          14: errno.EACCES}
 
 
 _DAMAGED = (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB: no retry helps, `repair` does

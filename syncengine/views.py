@@ -13,7 +13,9 @@ never compared whole (``eq=False``, as the reports in models).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from syncengine.lazy import forwarding
 
 if TYPE_CHECKING:
     from syncengine.models import ConflictInfo, Op, ScanProblem, ScanReport
@@ -123,11 +125,4 @@ class Status:
 _REPORTS = frozenset({"LogEntry", "DocDiff", "RestoreReport", "RepairReport", "Event"})
 
 
-def __getattr__(name: str) -> Any:
-    if name in _REPORTS:
-        from syncengine import reports
-
-        value = getattr(reports, name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'syncengine.views' has no attribute {name!r}")
+__getattr__ = forwarding(globals(), dict.fromkeys(_REPORTS, "syncengine.reports"))

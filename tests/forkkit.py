@@ -8,12 +8,15 @@ interpreter: `nobody` may not read the interpreter's own files here
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,16 @@ def here_or_alone(request: pytest.FixtureRequest) -> bool:
                             cwd=request.config.rootpath, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
     return False
+
+
+@contextlib.contextmanager
+def open_folder(prefix: str) -> Iterator[Path]:
+    """A folder of /tmp that `nobody` may enter (pytest's tmp_path sits in folders closed to others), removed after."""
+    top = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield top
+    finally:
+        shutil.rmtree(top)
 
 
 def owned_by_nobody(top: Path) -> int | None:

@@ -21,7 +21,7 @@ import pytest
 from syncengine import Workspace, early, scanner
 from syncengine.locks import FileLock
 from syncengine.testing import backdate, make_tree
-from tests.forkkit import here_or_alone, in_child, owned_by_nobody
+from tests.forkkit import here_or_alone, in_child, open_folder, owned_by_nobody
 from tests.helpers import REPO, cli_env
 
 pytestmark = pytest.mark.integration
@@ -147,16 +147,10 @@ def test_an_unreadable_folder_is_reported_and_its_files_kept_as_by_a_plain_walk(
 
     As root the scans run as `nobody` in forked children (in a folder of /tmp: pytest's tmp_path sits
     in folders closed to others), as in test_scanner; beside another thread, in a fresh pytest process."""
-    import shutil
-    import tempfile
-
     if not here_or_alone(request):
         return
-    top = Path(tempfile.mkdtemp(prefix="se-early-"))
-    try:
+    with open_folder("se-early-") as top:
         _unreadable_folder(top)
-    finally:
-        shutil.rmtree(top)
 
 
 def _unreadable_folder(tmp_path: Path) -> None:

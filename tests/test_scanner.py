@@ -13,7 +13,7 @@ import pytest
 from syncengine import Workspace, scanner
 from syncengine.fsops import inject_fault
 from syncengine.testing import backdate, make_tree
-from tests.forkkit import here_or_alone, in_child, owned_by_nobody
+from tests.forkkit import here_or_alone, in_child, open_folder, owned_by_nobody
 
 
 @pytest.fixture
@@ -662,16 +662,10 @@ def test_files_in_a_folder_listed_but_not_searchable_are_reported_not_deleted(re
     Permissions do not bind root, so as root the scan runs as `nobody` in a forked child (tests.forkkit; in a
     folder of /tmp: pytest's tmp_path sits in folders closed to others); a fork beside another thread could
     hang on a lock it held, so then the test runs in a fresh pytest process."""
-    import tempfile
-
     if not here_or_alone(request):
         return
-
-    top = Path(tempfile.mkdtemp(prefix="se-perm-"))
-    try:
+    with open_folder("se-perm-") as top:
         _scan_a_folder_not_searchable(top)
-    finally:
-        shutil.rmtree(top)
 
 
 def _scan_a_folder_not_searchable(top: Path) -> None:

@@ -83,16 +83,13 @@ def collect(storage: Storage, keep_seconds: float, *, workspace: str | None = No
     now_ns = time.time_ns() if now_ns is None else now_ns
     cutoff = now_ns - int(keep_seconds * 1e9)
     grace = now_ns - GRACE_NS
-    names = storage.workspace_names()
+    ids = storage.workspace_ids()
     if workspace is not None:
-        if workspace not in names:
+        if workspace not in ids:
             raise UsageError(f"the server has no workspace {workspace!r}")
-        names = [workspace]
+        ids = {workspace: ids[workspace]}
     out = []
-    for name in names:
-        ws_id = storage.workspace_id(name)
-        if ws_id is None:  # removed meanwhile
-            continue
+    for name, ws_id in ids.items():
         if dry_run:
             with storage.locked(ws_id, rollback=True):
                 out.append(_collect_one(storage, ws_id, name, cutoff, grace, contextlib.nullcontext))

@@ -652,13 +652,7 @@ class Storage:
         with self._write():
             ids = sorted({part.pk for part in parts})
             lock = " FOR KEY SHARE" if self.postgres else ""
-            present = 0
-            for start in range(0, len(ids), 500):
-                chunk = ids[start:start + 500]
-                marks = ", ".join([self.db.param] * len(chunk))
-                present += len(self.db.execute_sql(
-                    f'SELECT "id" FROM "blob" WHERE "id" IN ({marks}){lock}', chunk).fetchall())
-            if present != len(ids):
+            if len(_rows_in(self.db, 'SELECT "id" FROM "blob" WHERE "id" IN ({in_})' + lock, [], ids)) != len(ids):
                 return None
             blob = self._new_blob(ws_id, digest, size)
             if blob is None:
@@ -936,10 +930,11 @@ class Storage:
         with self._read():
             return W.select(W.id).where(W.name == name).scalar()
 
-    def workspace_names(self) -> list[str]:
+    def workspace_ids(self) -> dict[str, int]:
+        """Every workspace's id by name, in name order."""
         W = self.m.Workspace
         with self._read():
-            return [name for (name,) in W.select(W.name).order_by(W.name).tuples()]
+            return dict(W.select(W.name, W.id).order_by(W.name).tuples())
 
     @contextlib.contextmanager
     def locked(self, ws_id: int, *, rollback: bool = False) -> Iterator[None]:
